@@ -1,0 +1,346 @@
+"""The on-disk cache of generated data sets (Arrow IPC files, memory-mapped on read).
+
+Layout: ``<data dir>/<name>-<hash12>/`` with ``train.arrow``, ``valid.arrow``, ``test.arrow`` and
+``manifest.json``. The data dir is ``$NEM_DATA_DIR``, else ``platformdirs.user_cache_dir("nem-study")
+/ "data"``. ``hash12`` = the first 12 hex digits of sha256(canonical JSON of ``spec.model_dump()``
+with sorted keys + :data:`FORMAT_VERSION`), so every spec gets its own directory.
+
+Each ``.arrow`` file (IPC *file* format) has the columns ``image`` and ``label``, each a
+``fixed_size_list<uint8>[T*H*W]`` with one row per sequence, in ONE record batch: that makes each
+column one contiguous buffer in the file, so :func:`load` hands out plain numpy views of the
+memory map (zero copy, nothing loaded). Memory stays bounded while writing all the same: the
+file is first laid out with zero-filled columns (from untouched memory), then the generated
+blocks of sequences are written into it in place, one block at a time (:func:`_write_split`).
+
+Safety: a set is generated into a temporary sibling directory and renamed into place with
+``os.rename`` (atomic), under an ``fcntl.flock`` lock per set, so two processes asking for the
+same set generate it once and nobody sees a half-written set. :func:`load` checks each file's
+sha256 against the manifest (once per process per file).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import mmap
+import os
+import shutil
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from nem_study.config import DataConfig, InputError
+from nem_study.data.synth import SPLITS, check, count, iter_blocks
+from nem_study.data.mnist import load_mnist
+
+#: bump when the file layout OR the generator's output changes: old caches are then ignored
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+ENV_VAR = "NEM_DATA_DIR"
+
+_VERIFIED: set[tuple] = set()  # files whose sha256 was checked in this process
+builds = 0  # data sets this process generated (for tests and logs)
+
+
+def data_dir() -> Path:
+    env = os.environ.get(ENV_VAR)
+    if env:
+        return Path(env).expanduser()
+    import platformdirs
+
+    return Path(platformdirs.user_cache_dir("nem-study")) / "data"
+
+
+def spec_hash(spec: DataConfig) -> str:
+    canon = json.dumps(spec.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(f"{canon}|format={FORMAT_VERSION}".encode()).hexdigest()[:12]
+
+
+def set_dir(spec: DataConfig) -> Path:
+    """Where the data set of ``spec`` lives (whether or not it exists yet)."""
+    return data_dir() / f"{spec.name}-{spec_hash(spec)}"
+
+
+def _package_version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("nem-study")
+    except Exception:
+        import nem_study
+
+        return getattr(nem_study, "__version__", "unknown")
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 23):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _fix(d: Path) -> str:
+    return (f"Delete {d} to have it generated again (or run `nem-study data generate --force` "
+            "with the same data spec).")
+
+
+# ----------------------------------------------------------------------------------------
+# Writing
+
+
+def _schema(spec: DataConfig) -> pa.Schema:
+    row = spec.frames * spec.image_size * spec.image_size
+    meta = {"nem_study.shape": json.dumps([spec.frames, spec.image_size, spec.image_size]),
+            "nem_study.format_version": str(FORMAT_VERSION)}
+    return pa.schema([("image", pa.list_(pa.uint8(), row)), ("label", pa.list_(pa.uint8(), row))],
+                     metadata=meta)
+
+
+def _value_offsets(path: Path) -> dict[str, int]:
+    """Byte offset in the file of each column's uint8 values (the IPC body is not checksummed,
+    so these bytes can be overwritten in place)."""
+    with pa.memory_map(str(path), "r") as mm:
+        base = mm.read_buffer(1).address
+        mm.seek(0)
+        table = pa.ipc.open_file(mm).read_all()
+        out = {}
+        for name in table.column_names:
+            col = table.column(name)
+            values = col.chunk(0).values
+            if col.num_chunks != 1 or values.offset != 0:
+                raise RuntimeError(f"{path}: unexpected layout of column {name}")
+            out[name] = values.buffers()[1].address - base
+        return out
+
+
+def _write_split(spec: DataConfig, split: str, mnist, path: Path, progress: bool) -> None:
+    """Write one split as ONE record batch with bounded memory.
+
+    First pyarrow writes the file with all-zero columns whose buffers are an untouched private
+    anonymous mapping (reads of it hit the kernel's zero page: no memory is used); then each
+    generated block is written in place at its byte offset with ``os.pwrite``.
+    """
+    n = count(spec, split)
+    row = spec.frames * spec.image_size * spec.image_size
+    schema = _schema(spec)
+    zeros = mmap.mmap(-1, n * row, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    values = pa.Array.from_buffers(pa.uint8(), n * row, [None, pa.py_buffer(zeros)])
+    column = pa.FixedSizeListArray.from_arrays(values, row)
+    batch = pa.RecordBatch.from_arrays([column, column], schema=schema)
+    with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_file(sink, schema) as writer:
+        writer.write_batch(batch)
+    del batch, column, values
+    zeros.close()
+    offsets = _value_offsets(path)
+
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=n, desc=f"{spec.name} {split}", unit="seq", file=sys.stderr, leave=True)
+    done = 0
+    with open(path, "r+b") as f:
+        for im, lab in iter_blocks(spec, split, n, mnist):
+            for name, a in (("image", im), ("label", lab)):
+                _pwrite_all(f.fileno(), memoryview(np.ascontiguousarray(a).reshape(-1)),
+                            offsets[name] + done * row)
+            done += len(im)
+            if bar is not None:
+                bar.update(len(im))
+        os.fsync(f.fileno())
+    if bar is not None:
+        bar.close()
+    assert done == n
+
+
+def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
+    while len(data):
+        k = os.pwrite(fd, data, offset)
+        data, offset = data[k:], offset + k
+
+
+def _build(spec: DataConfig, out: Path, mnist, progress: bool) -> None:
+    global builds
+    t0 = time.time()
+    splits = {}
+    for split in SPLITS:
+        ts = time.time()
+        path = out / f"{split}.arrow"
+        _write_split(spec, split, mnist, path, progress)
+        splits[split] = {"file": path.name, "count": count(spec, split), "bytes": path.stat().st_size,
+                         "sha256": _sha256(path), "generation_seconds": round(time.time() - ts, 3)}
+    manifest = {
+        "format_version": FORMAT_VERSION,
+        "name": spec.name,
+        "hash": spec_hash(spec),
+        "spec": spec.model_dump(mode="json"),
+        "shape": [spec.frames, spec.image_size, spec.image_size],
+        "dtype": "uint8",
+        "scale": 1.0 / 255.0 if spec.grey else 1.0,
+        "labels": {"background": 0, "objects": f"1..{spec.objects}", "overlap": 255},
+        "columns": ["image", "label"],
+        "splits": splits,
+        "mnist": None if mnist is None else {"source": mnist.source, "sha256": mnist.fingerprint()},
+        "package_version": _package_version(),
+        "numpy_version": np.__version__,
+        "pyarrow_version": pa.__version__,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "generation_seconds": round(time.time() - t0, 3),
+    }
+    (out / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    builds += 1
+
+
+@contextmanager
+def _lock(path: Path, progress: bool) -> Iterator[None]:
+    with open(path, "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if progress:
+                print(f"waiting for another process to finish {path.name[1:-5]} ...", file=sys.stderr)
+            fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def ensure(spec: DataConfig, mnist_path: str | os.PathLike | None = None, progress: bool = True,
+           force: bool = False) -> Path:
+    """Generate the data set of ``spec`` into the cache unless it is there; return its directory.
+
+    ``force``: generate it again even if it exists (replaces it atomically). ``mnist_path``: where
+    MNIST is (flying_mnist only; see :func:`mnist.load_mnist`). Progress goes to stderr.
+    """
+    for split in SPLITS:
+        check(spec, split)
+    final = set_dir(spec)
+    if final.is_dir() and not force:
+        return final
+    root = final.parent
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise InputError(f"cannot create the data directory {root} ({e}); set {ENV_VAR} to a "
+                         "writable directory") from None
+    with _lock(root / f".{final.name}.lock", progress):
+        if final.is_dir() and not force:
+            return final  # another process made it while we waited
+        for prefix in (".tmp", ".trash"):  # left by a crashed run (we hold the lock)
+            for old in root.glob(f"{prefix}-{final.name}-*"):
+                shutil.rmtree(old, ignore_errors=True)
+        mnist = load_mnist(mnist_path) if spec.name == "flying_mnist" else None
+        tmp = root / f".tmp-{final.name}-{os.getpid()}"
+        tmp.mkdir()
+        t0 = time.time()
+        if progress:
+            print(f"generating {spec.name} -> {final}", file=sys.stderr)
+        try:
+            _build(spec, tmp, mnist, progress)
+            if final.exists():
+                trash = root / f".trash-{final.name}-{os.getpid()}"
+                os.rename(final, trash)
+                shutil.rmtree(trash, ignore_errors=True)
+            os.rename(tmp, final)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        if progress:
+            print(f"generated {spec.name} in {time.time() - t0:.1f} s", file=sys.stderr)
+    return final
+
+
+# ----------------------------------------------------------------------------------------
+# Reading
+
+
+@dataclass(frozen=True, eq=False)
+class Split:
+    """One split of a data set: uint8 (N, T, H, W) read-only views of the memory-mapped file."""
+
+    images: np.ndarray
+    labels: np.ndarray
+    scale: float
+    spec: DataConfig
+    split: str = "train"
+    path: Path | None = None
+    _keep: Any = field(default=None, repr=False)  # the Arrow table that owns the mapping
+
+    def __len__(self) -> int:
+        return int(self.images.shape[0])
+
+    def batch(self, indices) -> tuple[np.ndarray, np.ndarray]:
+        """float32 images scaled to [0, 1] and uint8 labels of the given sequences."""
+        idx = np.asarray(indices, dtype=np.int64)
+        images = self.images[idx].astype(np.float32)
+        if self.scale != 1.0:
+            images *= np.float32(self.scale)
+        return images, self.labels[idx]
+
+
+def read_manifest(d: Path) -> dict:
+    path = d / MANIFEST
+    try:
+        manifest = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise InputError(f"{path}: missing, so the data set in {d} is incomplete. {_fix(d)}") from None
+    except (OSError, ValueError) as e:
+        raise InputError(f"{path}: cannot be read ({e}). {_fix(d)}") from None
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("splits"), dict):
+        raise InputError(f"{path}: not a data set manifest. {_fix(d)}")
+    return manifest
+
+
+def _verify(path: Path, expected: str, d: Path) -> None:
+    st = path.stat()
+    key = (str(path.resolve()), st.st_ino, st.st_size, st.st_mtime_ns)
+    if key in _VERIFIED:
+        return
+    if _sha256(path) != expected:
+        raise InputError(f"{path}: sha256 does not match {d / MANIFEST} (the file is damaged or was "
+                         f"changed). {_fix(d)}")
+    _VERIFIED.add(key)
+
+
+def _to_numpy(table: pa.Table, name: str, shape: tuple[int, ...]) -> np.ndarray:
+    col = table.column(name)
+    chunk = col.chunk(0) if col.num_chunks == 1 else col.combine_chunks()  # 1 by construction
+    return chunk.flatten().to_numpy(zero_copy_only=True).reshape(shape)
+
+
+def load(spec: DataConfig, split: str, mnist_path: str | os.PathLike | None = None, verify: bool = True,
+         progress: bool = True) -> Split:
+    """Ensure the data set exists, then memory-map one split (``train``, ``valid`` or ``test``)."""
+    check(spec, split)
+    d = ensure(spec, mnist_path, progress=progress)
+    manifest = read_manifest(d)
+    if manifest.get("format_version") != FORMAT_VERSION or manifest.get("spec") != spec.model_dump(mode="json"):
+        raise InputError(f"{d / MANIFEST}: written for another data spec or format version than the "
+                         f"one asked for. {_fix(d)}")
+    entry = manifest["splits"].get(split)
+    if not isinstance(entry, dict) or "file" not in entry or "sha256" not in entry:
+        raise InputError(f"{d / MANIFEST}: no entry for the {split} split. {_fix(d)}")
+    path = d / entry["file"]
+    if not path.is_file():
+        raise InputError(f"{path}: missing. {_fix(d)}")
+    if verify:
+        _verify(path, entry["sha256"], d)
+    shape = (int(entry["count"]), spec.frames, spec.image_size, spec.image_size)
+    try:
+        table = pa.ipc.open_file(pa.memory_map(str(path), "r")).read_all()
+        images, labels = _to_numpy(table, "image", shape), _to_numpy(table, "label", shape)
+    except (pa.ArrowException, ValueError, KeyError) as e:
+        raise InputError(f"{path}: not a readable data file ({e}). {_fix(d)}") from None
+    scale = 1.0 / 255.0 if spec.grey else 1.0
+    return Split(images, labels, scale, spec, split, path, table)

@@ -1,0 +1,256 @@
+"""Neural Expectation Maximization: N-EM and RNN-EM, read top to bottom.
+
+An image x is a mixture of K components. Each component k keeps a representation theta_k
+(a recurrent state), a shared network maps it to pixel parameters psi_k, and one EM step is
+
+    1. input_k  = gamma_k * (x_tilde - psi_k)            what component k fails to explain (§1.1)
+    2. M-step:   theta_k, psi_k <- cell(input_k, theta_k)  N-EM gradient cell or RNN-EM   (§1.2)
+    3. E-step:   gamma_k = P(x | psi_k) / sum_j P(x | psi_j)  against the clean target      (§1.3)
+    4. loss:     intra-cluster NLL + w_inter * inter-cluster KL                           (§2)
+
+All section numbers refer to ``NEM_SPEC.md``. The K components share weights, so K is folded
+into the batch: every network sees ``B * K`` images. Shapes below use B batch, K components,
+C channels (1), H x W pixels, D = C * H * W, Z the recurrent size.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from nem_study.config import ModelConfig
+
+EPS = 1e-6  # clip for Bernoulli means (NEM_SPEC.md §2)
+
+
+# ----------------------------------------------------------------------------------------
+# Networks (NEM_SPEC.md §3): linear/conv -> LayerNorm over all non-batch dims -> activation
+
+
+def fc(n_in: int, n_out: int, act: type[nn.Module] | None, layer_norm: bool = True) -> nn.Sequential:
+    layers: list[nn.Module] = [nn.Linear(n_in, n_out)]
+    if layer_norm:
+        layers.append(nn.LayerNorm((n_out,)))
+    if act is not None:
+        layers.append(act())
+    return nn.Sequential(*layers)
+
+
+def conv(c_in: int, c_out: int, size: int, act: type[nn.Module] | None, layer_norm: bool = True) -> nn.Sequential:
+    """conv 4x4 stride 2 with SAME padding: size -> size / 2."""
+    layers: list[nn.Module] = [nn.Conv2d(c_in, c_out, 4, stride=2, padding=1)]
+    if layer_norm:
+        layers.append(nn.LayerNorm((c_out, size // 2, size // 2)))
+    if act is not None:
+        layers.append(act())
+    return nn.Sequential(*layers)
+
+
+def up_conv(c_in: int, c_out: int, size: int, act: type[nn.Module] | None, layer_norm: bool = True) -> nn.Sequential:
+    """Nearest-neighbour upsample x2, then a stride-1 4x4 conv with SAME padding: size -> 2 size."""
+    layers: list[nn.Module] = [nn.Upsample(scale_factor=2, mode="nearest"),
+                               nn.ZeroPad2d((1, 2, 1, 2)),  # TF's SAME for an even kernel
+                               nn.Conv2d(c_in, c_out, 4, stride=1)]
+    if layer_norm:
+        layers.append(nn.LayerNorm((c_out, 2 * size, 2 * size)))
+    if act is not None:
+        layers.append(act())
+    return nn.Sequential(*layers)
+
+
+class PerImageStandardize(nn.Module):
+    """(x - mean) / max(std, 1/sqrt(D)) per image, as TF's per_image_standardization (§3)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        flat = x.flatten(1)
+        mean = flat.mean(1, keepdim=True)
+        std = flat.std(1, unbiased=False, keepdim=True).clamp_min(1.0 / math.sqrt(flat.shape[1]))
+        return ((flat - mean) / std).view_as(x)
+
+
+def make_networks(cfg: ModelConfig, image_size: int) -> tuple[nn.Module, int, nn.Module]:
+    """(encoder, encoder output size, decoder) of the data set's network (§3 table)."""
+    S, Z = image_size, cfg.hidden
+    if cfg.network == "static_fc":
+        D = S * S
+        return nn.Flatten(), D, nn.Sequential(nn.Linear(Z, D), nn.Unflatten(1, (1, S, S)))
+    if cfg.network == "flying_shapes_conv":
+        s4 = S // 4
+        encoder = nn.Sequential(
+            conv(1, 32, S, nn.ELU), conv(32, 64, S // 2, nn.ELU),
+            nn.Flatten(), fc(64 * s4 * s4, 512, nn.ELU))
+        decoder = nn.Sequential(
+            fc(Z, 512, nn.ReLU), fc(512, 64 * s4 * s4, nn.ReLU), nn.Unflatten(1, (64, s4, s4)),
+            up_conv(64, 32, s4, nn.ReLU), up_conv(32, 1, S // 2, None, layer_norm=False))
+        return encoder, 512, decoder
+    if cfg.network == "flying_mnist_conv":
+        s8 = S // 8
+        encoder = nn.Sequential(
+            PerImageStandardize(),
+            conv(1, 32, S, nn.ELU), conv(32, 64, S // 2, nn.ELU), conv(64, 128, S // 4, nn.ELU),
+            nn.Flatten(), fc(128 * s8 * s8, 512, nn.ELU))
+        decoder = nn.Sequential(
+            fc(Z, 512, nn.ReLU), fc(512, 128 * s8 * s8, nn.ReLU), nn.Unflatten(1, (128, s8, s8)),
+            up_conv(128, 64, s8, nn.ReLU), up_conv(64, 32, S // 4, nn.ReLU),
+            up_conv(32, 1, S // 2, None, layer_norm=False))
+        return encoder, 512, decoder
+    raise ValueError(f"unknown network {cfg.network!r}")
+
+
+# ----------------------------------------------------------------------------------------
+# M-step cells (§1.2). Each maps (input_k, state_k) -> (new state_k, psi_k logits or means).
+
+
+class RNNEMCell(nn.Module):
+    """RNN-EM: z = W_x enc(input) + W_h h + b;  h' = sigmoid(z);  psi = dec(sigmoid(LN(z)))."""
+
+    def __init__(self, cfg: ModelConfig, image_size: int):
+        super().__init__()
+        self.encoder, n_enc, self.decoder = make_networks(cfg, image_size)
+        self.W_x = nn.Linear(n_enc, cfg.hidden)
+        self.W_h = nn.Linear(cfg.hidden, cfg.hidden, bias=False)
+        self.ln = nn.LayerNorm(cfg.hidden) if cfg.layer_norm else None
+
+    def forward(self, inputs: Tensor, h: Tensor) -> tuple[Tensor, Tensor]:
+        z = self.W_x(self.encoder(inputs)) + self.W_h(h)           # (B*K, Z)
+        h = torch.sigmoid(z)                                       # (B*K, Z)
+        o = torch.sigmoid(self.ln(z)) if self.ln is not None else h  # LN on the output path only
+        return h, self.decoder(o)                                  # (B*K, C, H, W) pre-activation
+
+
+class NEMCell(nn.Module):
+    """N-EM: one generalised-EM gradient step on theta with tied weights (§1.2).
+
+    z' = z + eta * s(z)(1 - s(z)) * (delta @ W),  psi = s(s(z') @ W^T),  theta = s(z).
+    With delta = gamma (x - psi) this is z + eta * dlogP/dz for Bernoulli pixels.
+    """
+
+    def __init__(self, cfg: ModelConfig, image_size: int):
+        super().__init__()
+        D = image_size * image_size
+        self.image_size = image_size
+        self.W = nn.Parameter(torch.empty(D, cfg.hidden))
+        nn.init.xavier_uniform_(self.W)
+        self.eta = nn.Parameter(torch.tensor(1.0))  # the single learned step size
+
+    def forward(self, delta: Tensor, z: Tensor) -> tuple[Tensor, Tensor]:
+        s = torch.sigmoid(z)                                       # (B*K, Z)
+        z = z + self.eta * s * (1 - s) * (delta.flatten(1) @ self.W)  # (B*K, Z)
+        logits = torch.sigmoid(z) @ self.W.T                       # (B*K, D)
+        return z, logits.view(-1, 1, self.image_size, self.image_size)
+
+
+# ----------------------------------------------------------------------------------------
+# Pixel likelihoods, E-step and loss (§1.3, §2)
+
+
+def log_likelihood(x: Tensor, psi: Tensor, pixel: str, sigma: float) -> Tensor:
+    """log P(x_i | psi_i,k) per pixel, up to terms constant in psi."""
+    if pixel == "bernoulli":
+        p = psi.clamp(EPS, 1 - EPS)
+        return x * torch.log(p) + (1 - x) * torch.log1p(-p)
+    return -0.5 * ((x - psi) / sigma) ** 2
+
+
+def e_step(target: Tensor, psi: Tensor, pixel: str, sigma: float) -> Tensor:
+    """gamma_k = P(x|psi_k) / sum_j P(x|psi_j), in log space (§1.3, uniform prior)."""
+    return torch.softmax(log_likelihood(target.unsqueeze(1), psi, pixel, sigma), dim=1)
+
+
+def em_loss(target: Tensor, psi: Tensor, gamma: Tensor, cfg: ModelConfig) -> tuple[Tensor, Tensor]:
+    """(intra, inter) of §2: sums over pixels and K, means over the batch.
+
+    intra = sum gamma * -log P(x | psi),  inter = sum (1 - gamma) * KL(P(x) || P(x | psi)),
+    with the pixel prior P(x) a Bernoulli(0) (KL = -log(1 - psi)) or N(0, 1) (KL = psi^2 / 2).
+    """
+    x = target.unsqueeze(1)                                        # (B, 1, C, H, W)
+    if cfg.pixel == "bernoulli":
+        p = psi.clamp(EPS, 1 - EPS)
+        nll = -(x * torch.log(p) + (1 - x) * torch.log1p(-p))     # (B, K, C, H, W)
+        kl = -torch.log1p(-p)                                      # (B, K, C, H, W)
+    else:
+        s = cfg.loss_sigma
+        nll = 0.5 * ((x - psi) / s) ** 2 + math.log(s) + 0.5 * math.log(2 * math.pi)
+        kl = 0.5 * psi**2
+    B = target.shape[0]
+    intra = (gamma * nll).sum() / B
+    inter = ((1 - gamma) * kl).sum() / B
+    return intra, inter
+
+
+# ----------------------------------------------------------------------------------------
+# The EM loop
+
+
+@dataclass
+class EMOutput:
+    loss: Tensor            # scalar: the weighted sum of per-step losses
+    intra: Tensor           # (T,) per-step intra-cluster loss
+    inter: Tensor           # (T,) per-step inter-cluster loss
+    gamma: Tensor | None    # (T, B, K, C, H, W) soft assignments, when collected
+    psi: Tensor | None      # (T, B, K, C, H, W) component predictions, when collected
+
+
+class NEM(nn.Module):
+    """N-EM (``kind: nem``) or RNN-EM (``kind: rnn_em``) unrolled over T steps."""
+
+    def __init__(self, cfg: ModelConfig, image_size: int):
+        super().__init__()
+        self.cfg = cfg
+        self.cell = NEMCell(cfg, image_size) if cfg.kind == "nem" else RNNEMCell(cfg, image_size)
+
+    def pixel_params(self, out: Tensor) -> Tensor:
+        """psi from the decoder output: Bernoulli means (sigmoid) or Gaussian means (linear)."""
+        out = out.float()  # keep the likelihoods in fp32 under autocast
+        return torch.sigmoid(out) if self.cfg.pixel == "bernoulli" else out
+
+    def init_state(self, x: Tensor, k: int, generator: torch.Generator | None = None):
+        """h = 0, psi_0 = 0 or the per-image median, gamma_0 = |N(0, 1)| normalised over K (§1)."""
+        B = x.shape[0]
+        h = x.new_zeros(B * k, self.cfg.hidden)                      # (B*K, Z)
+        if self.cfg.psi_init == "median":
+            med = x.flatten(1).median(dim=1).values.view(B, 1, 1, 1, 1)
+            psi = med.expand(B, k, *x.shape[1:]).clone()             # (B, K, C, H, W)
+        else:
+            psi = x.new_zeros(B, k, *x.shape[1:])                    # (B, K, C, H, W)
+        noise = torch.randn(psi.shape, generator=generator, device=x.device).abs()
+        gamma = noise / noise.sum(1, keepdim=True).clamp_min(1e-12)  # (B, K, C, H, W)
+        return h, psi, gamma
+
+    def forward(self, inputs: Tensor, targets: Tensor, k: int | None = None,
+                generator: torch.Generator | None = None, collect: bool = False) -> EMOutput:
+        """Run T EM steps.
+
+        inputs:  (T, B, C, H, W) the noisy x_tilde seen at each step
+        targets: (T, B, C, H, W) the clean target of each step (next frame, or the image)
+        """
+        cfg = self.cfg
+        k = k or cfg.k
+        T, B = inputs.shape[:2]
+        sign = 1.0 if cfg.input_sign == "x_minus_psi" else -1.0
+        h, psi, gamma = self.init_state(inputs[0], k, generator)
+        intra, inter, gammas, psis = [], [], [], []
+        for t in range(T):
+            g = gamma.detach() if cfg.gamma_gradient == "stop" else gamma
+            x_tilde = inputs[t].unsqueeze(1)                          # (B, 1, C, H, W)
+            delta = g * sign * (x_tilde - psi)                        # (B, K, C, H, W)
+            h, out = self.cell(delta.flatten(0, 1), h)                # (B*K, Z), (B*K, C, H, W)
+            psi = self.pixel_params(out).view(B, k, *out.shape[1:])   # (B, K, C, H, W)
+            gamma = e_step(targets[t], psi, cfg.pixel, cfg.e_sigma)   # (B, K, C, H, W)
+            g = gamma.detach() if cfg.gamma_gradient == "stop" else gamma
+            l_intra, l_inter = em_loss(targets[t], psi, g, cfg)
+            intra.append(l_intra)
+            inter.append(l_inter)
+            if collect:
+                gammas.append(gamma.detach())
+                psis.append(psi.detach())
+        intra_t, inter_t = torch.stack(intra), torch.stack(inter)    # (T,), (T,)
+        per_step = intra_t + cfg.w_inter * inter_t                   # (T,)
+        loss = per_step.sum() if cfg.loss_step_weights == "all" else per_step[-1]
+        return EMOutput(loss, intra_t, inter_t,
+                        torch.stack(gammas) if collect else None,
+                        torch.stack(psis) if collect else None)

@@ -1,0 +1,77 @@
+"""Figures shared by the CLI, training artifacts and the analysis (matplotlib, imported lazily)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+# label colours: 0 background black, objects 1..9 distinct colours, 255 (overlap) white
+_OBJECT_COLOURS = np.array([
+    (0.894, 0.102, 0.110), (0.216, 0.494, 0.722), (0.302, 0.686, 0.290), (1.000, 0.498, 0.000),
+    (0.596, 0.306, 0.639), (1.000, 1.000, 0.200), (0.651, 0.337, 0.157), (0.969, 0.506, 0.749),
+    (0.400, 0.761, 0.647),
+])
+
+
+def label_colours(labels: np.ndarray) -> np.ndarray:
+    """uint8 label maps (..., H, W) -> RGB float (..., H, W, 3): background black, objects
+    coloured (cycling after 9), overlap (255) white."""
+    lut = np.zeros((256, 3))
+    for v in range(1, 255):
+        lut[v] = _OBJECT_COLOURS[(v - 1) % len(_OBJECT_COLOURS)]
+    lut[255] = 1.0
+    return lut[np.asarray(labels, dtype=np.uint8)]
+
+
+def data_strip(images, labels, path, n_seq: int = 4, n_frames: int = 8, title: str | None = None) -> Path:
+    """A PNG of a few sequences: per sequence a row of frames and below it their label maps.
+
+    images: (N, T, H, W) (or (N, H, W) for static data), uint8 0/1, uint8 0..255 or float in
+    [0, 1]; labels: uint8, same shape. Shows ``n_frames`` frames evenly spaced over the
+    sequence (all of them if it is shorter). Returns the path written.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Patch
+
+    images, labels = np.asarray(images), np.asarray(labels)
+    if images.ndim == 3:
+        images, labels = images[:, None], labels[:, None]
+    if images.ndim != 4 or images.shape != labels.shape:
+        raise ValueError(f"images and labels must both be (N, T, H, W); got {images.shape} and {labels.shape}")
+    n_seq = max(1, min(n_seq, images.shape[0]))
+    t = images.shape[1]
+    frames = np.unique(np.linspace(0, t - 1, min(n_frames, t)).round().astype(int))
+    vmax = 255 if images.dtype == np.uint8 and images.max(initial=0) > 1 else 1
+
+    cols = len(frames)
+    fig, axes = plt.subplots(2 * n_seq, cols, figsize=(1.2 * cols + 0.4, 2.5 * n_seq + 0.6),
+                             squeeze=False)
+    for s in range(n_seq):
+        for c, f in enumerate(frames):
+            ax_img, ax_lab = axes[2 * s, c], axes[2 * s + 1, c]
+            ax_img.imshow(images[s, f], cmap="gray", vmin=0, vmax=vmax, interpolation="nearest")
+            ax_lab.imshow(label_colours(labels[s, f]), interpolation="nearest")
+            for ax in (ax_img, ax_lab):
+                ax.set_xticks([])
+                ax.set_yticks([])
+            if s == 0:
+                ax_img.set_title(f"t = {f}", fontsize=8)
+        axes[2 * s, 0].set_ylabel(f"seq {s}", fontsize=8)
+        axes[2 * s + 1, 0].set_ylabel("labels", fontsize=8)
+    k = int(labels[(labels != 0) & (labels != 255)].max(initial=0))
+    handles = [Patch(color=_OBJECT_COLOURS[(v - 1) % len(_OBJECT_COLOURS)], label=f"object {v}")
+               for v in range(1, k + 1)]
+    handles.append(Patch(facecolor="white", edgecolor="grey", label="overlap"))
+    fig.legend(handles=handles, loc="lower center", ncol=len(handles), fontsize=7, frameon=False)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout(rect=(0, 0.04, 1, 0.97 if title else 1))
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

@@ -1,0 +1,359 @@
+"""Data sets (nem_study.data): determinism, labels, motion, the Arrow store, MNIST sources."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import multiprocessing as mp
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from nem_study import data
+from nem_study.config import DataConfig, InputError
+from nem_study.data import synth
+from nem_study.data import mnist as mnist_mod
+from nem_study.data import shapes, store
+
+NPZ = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "mnist.npz"
+needs_mnist = pytest.mark.skipif(not NPZ.is_file(), reason=f"{NPZ} not present")
+
+
+def spec(name="flying_shapes", **kw) -> DataConfig:
+    sizes = {"train": 24, "valid": 6, "test": 5}
+    return DataConfig(name=name, **(sizes | kw))
+
+
+@pytest.fixture(autouse=True)
+def data_dir(tmp_path, monkeypatch) -> Path:
+    d = tmp_path / "cache"
+    monkeypatch.setenv("NEM_DATA_DIR", str(d))
+    monkeypatch.delenv("NEM_MNIST", raising=False)
+    return d
+
+
+@pytest.fixture(scope="module")
+def mnist():
+    if not NPZ.is_file():
+        pytest.skip(f"{NPZ} not present")
+    return data.load_mnist(NPZ)
+
+
+def reference(s: DataConfig, lay: data.Layout):
+    """Re-render a layout with plain loops and slicing: images, labels, per-object masks."""
+    n, t, k = lay.top.shape
+    size = s.image_size
+    images = np.zeros((n, t, size, size), np.int64)
+    masks = np.zeros((n, t, k, size, size), bool)
+    for i in range(n):
+        for f in range(t):
+            for o in range(k):
+                patch = np.asarray(lay.pool[lay.ids[i, o]]).astype(np.int64)
+                y, x = lay.top[i, f, o], lay.left[i, f, o]
+                h, w = patch.shape
+                assert 0 <= y and y + h <= size and 0 <= x and x + w <= size, "object leaves the frame"
+                canvas = np.zeros((size, size), np.int64)
+                canvas[y:y + h, x:x + w] = patch
+                masks[i, f, o] = canvas > 0
+                if s.grey and s.overlap == "clip_sum":
+                    images[i, f] = np.minimum(images[i, f] + canvas, 255)
+                else:
+                    images[i, f] = np.maximum(images[i, f], canvas)
+    cover = masks.sum(axis=2)
+    owner = masks.argmax(axis=2) + 1
+    labels = np.where(cover == 0, 0, np.where(cover == 1, owner, 255))
+    return images.astype(np.uint8), labels.astype(np.uint8), masks
+
+
+# ----------------------------------------------------------------------------------------
+# Determinism
+
+
+@pytest.mark.parametrize("name", ["static_shapes", "flying_shapes"])
+def test_same_spec_same_bytes_other_seed_or_split_differs(name):
+    a = data.generate(spec(name), "train")
+    b = data.generate(spec(name), "train")
+    assert a[0].tobytes() == b[0].tobytes() and a[1].tobytes() == b[1].tobytes()
+    assert a[0].dtype == np.uint8 and a[0].shape[:2] == (24, 1 if name == "static_shapes" else 21)
+    c = data.generate(spec(name, seed=1), "train")
+    assert not np.array_equal(a[0], c[0])
+    v = data.generate(spec(name), "valid", n=24)
+    assert not np.array_equal(a[0], v[0])
+
+
+def test_first_n_do_not_depend_on_n_across_blocks():
+    s = spec("static_shapes")
+    many, many_lab = data.generate(s, "train", n=synth.BLOCK + 5)
+    few, few_lab = data.generate(s, "train", n=7)
+    assert np.array_equal(many[:7], few) and np.array_equal(many_lab[:7], few_lab)
+    assert not np.array_equal(many[synth.BLOCK:synth.BLOCK + 5], many[:5])  # blocks differ
+    blocks = list(data.iter_blocks(s, "train", n=synth.BLOCK + 5))
+    assert [len(b[0]) for b in blocks] == [synth.BLOCK, 5]
+    assert np.array_equal(np.concatenate([b[0] for b in blocks]), many)
+
+
+# ----------------------------------------------------------------------------------------
+# Labels, frame, motion
+
+
+@pytest.mark.parametrize("s", [spec("static_shapes", train=40), spec("flying_shapes", objects=5, train=12)],
+                         ids=["static", "flying5"])
+def test_shapes_match_an_independent_render(s):
+    images, labels = data.generate(s, "train")
+    lay = data.layout(s, "train")
+    ref_img, ref_lab, masks = reference(s, lay)
+    assert np.array_equal(images, ref_img)
+    assert np.array_equal(labels, ref_lab)
+    assert set(np.unique(images)) <= {0, 1}
+    # on-pixel <=> labelled; overlap exactly where >= 2 masks; single owner elsewhere
+    assert np.array_equal(images == 1, labels != data.BACKGROUND)
+    assert np.array_equal(labels == data.OVERLAP, masks.sum(2) >= 2)
+    assert (labels == data.OVERLAP).any() and set(np.unique(labels)) <= {0, *range(1, s.objects + 1), 255}
+    # every object keeps its full sprite (24 px) in every frame: never clipped by the border
+    assert (masks.sum(axis=(-1, -2)) == 24).all()
+
+
+def test_single_object_never_clipped_and_moving():
+    s = spec("flying_shapes", objects=1, train=64)
+    images, labels = data.generate(s, "train")
+    assert (images.sum(axis=(-1, -2)) == 24).all()  # no pixel lost at a wall, any frame
+    assert np.array_equal(labels, images)  # one object: label 1 exactly where on
+    moved = (images[:, 1:] != images[:, :-1]).any(axis=(-1, -2))
+    assert moved.mean() > 0.9 and moved.any(axis=1).all()  # every sequence moves
+
+
+def test_motion_bounces_inside_the_frame():
+    s = spec("flying_shapes", train=200)
+    lay = data.layout(s, "train")
+    extent = shapes.SPRITE_SIZE[lay.ids]  # (N, K, 2)
+    room = s.image_size - extent[:, None]  # largest valid corner
+    pos = np.stack([lay.top, lay.left], -1)
+    assert (pos >= 0).all() and (pos <= room).all()
+    assert (pos == 0).any() and (pos == room).any()  # walls are reached
+    step = np.diff(pos, axis=1)
+    reversed_ = (step[:, :-1] * step[:, 1:] < 0).any(axis=(1, 3))
+    assert reversed_.mean() > 0.5  # most sequences have an object that bounced
+    speed = np.abs(step).max(-1)
+    assert speed.max() <= 3  # |v| <= 3 px / frame (plus a reflection never adds distance)
+    images, _ = data.generate(s, "train")
+    assert (images[:, 1:] != images[:, :-1]).any(axis=(-1, -2)).all()  # frames differ
+
+
+def test_static_shapes_three_shapes_one_frame():
+    s = spec("static_shapes", train=300)
+    assert s.frames == 1 and s.objects == 3 and s.image_size == 28
+    images, labels = data.generate(s, "train")
+    assert images.shape == labels.shape == (300, 1, 28, 28)
+    lay = data.layout(s, "train")
+    assert lay.ids.shape == (300, 3) and set(np.unique(lay.ids)) == {0, 1, 2}
+    visible = [set(np.unique(lab)) - {0, 255} for lab in labels]
+    assert sum(v == {1, 2, 3} for v in visible) > 250  # nearly always all three visible
+    # positions cover the full range of corners (uniform over the frame)
+    room = s.image_size - shapes.SPRITE_SIZE[lay.ids][..., 0]
+    assert (lay.top[:, 0] == 0).any() and (lay.top[:, 0] == room).any()
+
+
+def test_frame_too_small_for_sprites_is_an_input_error():
+    with pytest.raises(InputError, match="image_size"):
+        data.generate(spec("flying_shapes", image_size=10), "train")
+
+
+# ----------------------------------------------------------------------------------------
+# Store
+
+
+def test_store_round_trip_equals_generate(data_dir):
+    s = spec("flying_shapes")
+    d = data.ensure(s, progress=False)
+    assert d.parent == data_dir and d.name.startswith("flying_shapes-")
+    builds = store.builds
+    assert data.ensure(s, progress=False) == d and store.builds == builds  # cached, not rebuilt
+    for split in data.SPLITS:
+        sp = data.load(s, split, progress=False)
+        images, labels = data.generate(s, split)
+        assert len(sp) == getattr(s, split) and sp.scale == 1.0 and sp.spec == s
+        assert np.array_equal(sp.images, images) and np.array_equal(sp.labels, labels)
+        assert not sp.images.flags.writeable and not sp.images.flags.owndata  # a view of the map
+    x, y = sp.batch([3, 0, 3])
+    assert x.dtype == np.float32 and x.shape == (3, 21, 28, 28) and set(np.unique(x)) <= {0.0, 1.0}
+    assert np.array_equal(x[0], images[3]) and np.array_equal(y[1], labels[0])
+
+
+def test_manifest_contents(data_dir):
+    s = spec("flying_shapes", seed=3)
+    d = data.ensure(s, progress=False)
+    m = json.loads((d / "manifest.json").read_text())
+    assert m["format_version"] == store.FORMAT_VERSION and m["spec"] == s.model_dump(mode="json")
+    assert d.name == f"flying_shapes-{m['hash']}" and len(m["hash"]) == 12
+    assert m["shape"] == [21, 28, 28] and m["scale"] == 1.0 and m["mnist"] is None
+    for split in data.SPLITS:
+        e = m["splits"][split]
+        assert e["count"] == getattr(s, split) and e["file"] == f"{split}.arrow"
+        assert e["sha256"] == store._sha256(d / e["file"]) and e["bytes"] == (d / e["file"]).stat().st_size
+    assert {"package_version", "numpy_version", "pyarrow_version", "created", "generation_seconds"} <= set(m)
+    assert sorted(p.name for p in d.iterdir()) == ["manifest.json", "test.arrow", "train.arrow", "valid.arrow"]
+    assert data.set_dir(spec("flying_shapes", seed=4)) != d  # every spec has its own directory
+
+
+def test_corrupt_file_is_an_input_error_naming_it(data_dir):
+    s = spec("static_shapes")
+    d = data.ensure(s, progress=False)
+    f = d / "valid.arrow"
+    raw = bytearray(f.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    f.write_bytes(bytes(raw))
+    with pytest.raises(InputError, match="valid.arrow") as e:
+        data.load(s, "valid", progress=False)
+    assert "sha256" in str(e.value) and str(d) in str(e.value) and "--force" in str(e.value)
+    data.load(s, "train", progress=False)  # the other files are fine
+    data.ensure(s, progress=False, force=True)  # regenerate
+    assert np.array_equal(data.load(s, "valid", progress=False).images, data.generate(s, "valid")[0])
+
+
+@pytest.mark.parametrize("damage", ["missing", "garbage"])
+def test_bad_manifest_is_an_input_error(data_dir, damage):
+    s = spec("static_shapes")
+    d = data.ensure(s, progress=False)
+    if damage == "missing":
+        (d / "manifest.json").unlink()
+    else:
+        (d / "manifest.json").write_text("{not json")
+    with pytest.raises(InputError, match="manifest.json"):
+        data.load(s, "train", progress=False)
+
+
+def _ensure_in_child(data_dir: str, spec_json: str, barrier, queue) -> None:
+    import os
+
+    os.environ["NEM_DATA_DIR"] = data_dir
+    from nem_study import data as d
+    from nem_study.config import DataConfig as C
+    from nem_study.data import store as st
+
+    s = C.model_validate_json(spec_json)
+    barrier.wait()
+    path = d.ensure(s, progress=False)
+    queue.put((str(path), st.builds))
+
+
+def test_two_processes_generate_once(data_dir):
+    s = spec("flying_shapes", train=2000)
+    ctx = mp.get_context("spawn")
+    barrier, queue = ctx.Barrier(2), ctx.Queue()
+    procs = [ctx.Process(target=_ensure_in_child, args=(str(data_dir), s.model_dump_json(), barrier, queue))
+             for _ in range(2)]
+    for p in procs:
+        p.start()
+    results = [queue.get(timeout=120) for _ in procs]
+    for p in procs:
+        p.join(timeout=60)
+        assert p.exitcode == 0
+    assert results[0][0] == results[1][0] == str(data.set_dir(s))
+    assert sum(r[1] for r in results) == 1  # generated by exactly one of them
+    assert [p.name for p in data_dir.iterdir() if not p.name.endswith(".lock")] == [Path(results[0][0]).name]
+    sp = data.load(s, "train", progress=False)  # verifies every sha256
+    assert np.array_equal(sp.images, data.generate(s, "train")[0])  # same bytes in another process
+
+
+# ----------------------------------------------------------------------------------------
+# MNIST
+
+
+def _downsample_2x2(x: np.ndarray) -> np.ndarray:
+    """Independent reference: the mean of each 2x2 block, rounded half up."""
+    total = x.astype(np.int64).reshape(len(x), 14, 2, 14, 2).sum(axis=(2, 4))
+    return ((total * 2 + 4) // 8).astype(np.uint8)  # floor(total / 4 + 1/2)
+
+
+@needs_mnist
+@pytest.mark.parametrize("overlap", ["max", "clip_sum"])
+def test_flying_mnist_curriculum_and_labels(mnist, overlap):
+    s = spec("flying_mnist", train=16, digit_pool=20, overlap=overlap)
+    assert (s.image_size, s.objects, s.digit_size) == (24, 2, 14)
+    images, labels = data.generate(s, "train", mnist=mnist)
+    lay = data.layout(s, "train", mnist=mnist)
+    assert lay.pool.shape == (20, 14, 14) and lay.ids.max() < 20  # the curriculum pool
+    assert np.array_equal(lay.pool, _downsample_2x2(mnist.x_train[:20]))
+    ref_img, ref_lab, masks = reference(s, lay)
+    assert np.array_equal(images, ref_img) and np.array_equal(labels, ref_lab)
+    assert np.array_equal(images > 0, labels != data.BACKGROUND)  # ink > 0 <=> labelled
+    assert np.array_equal(labels == data.OVERLAP, masks.sum(2) >= 2) and (labels == data.OVERLAP).any()
+    assert images.max() > 200  # grey-scale 0..255
+    valid = data.layout(s, "valid", n=4, mnist=mnist)
+    assert len(valid.pool) == 10_000 and np.array_equal(valid.pool[:5], _downsample_2x2(mnist.x_valid[:5]))
+
+
+@needs_mnist
+def test_flying_mnist_store_from_npz_path(data_dir):
+    s = spec("flying_mnist", train=8, valid=3, test=3, digit_pool=500)
+    sp = data.load(s, "train", mnist_path=NPZ, progress=False)
+    assert sp.scale == pytest.approx(1 / 255) and sp.images.shape == (8, 21, 24, 24)
+    x, _ = sp.batch([0, 1])
+    assert x.dtype == np.float32 and 0.0 <= x.min() and x.max() <= 1.0 and x.max() > 0.7
+    assert np.array_equal(sp.images, data.generate(s, "train", mnist=NPZ)[0])
+    m = data.read_manifest(data.set_dir(s))
+    assert m["mnist"]["source"] == str(NPZ) and set(m["mnist"]["sha256"]) == {"train", "valid", "test"}
+
+
+def _write_idx(path: Path, x: np.ndarray) -> None:
+    header = b"".join(int(v).to_bytes(4, "big") for v in (2051, *x.shape))
+    opener = gzip.open if path.name.endswith(".gz") else open
+    with opener(path, "wb") as f:  # type: ignore[operator]
+        f.write(header + np.ascontiguousarray(x).tobytes())
+
+
+@needs_mnist
+def test_mnist_from_an_idx_directory(tmp_path, mnist, monkeypatch):
+    d = tmp_path / "idx"
+    d.mkdir()
+    _write_idx(d / "train-images-idx3-ubyte", np.concatenate([mnist.x_train, mnist.x_valid]))
+    _write_idx(d / "t10k-images-idx3-ubyte.gz", mnist.x_test)
+    monkeypatch.setenv("NEM_MNIST", str(d))  # the environment variable is a source too
+    m = data.load_mnist()
+    assert np.array_equal(m.x_train, mnist.x_train) and np.array_equal(m.x_valid, mnist.x_valid)
+    assert np.array_equal(m.x_test, mnist.x_test) and m.source == str(d)
+
+
+def test_missing_mnist_path_names_it(tmp_path, monkeypatch):
+    missing = tmp_path / "nowhere" / "mnist.npz"
+    with pytest.raises(InputError, match="nowhere") as e:
+        data.generate(spec("flying_mnist"), "train", n=2, mnist=missing)
+    assert str(missing) in str(e.value) and "NEM_MNIST" in str(e.value)
+    monkeypatch.setenv("NEM_MNIST", str(missing))
+    with pytest.raises(InputError, match="from NEM_MNIST"):
+        data.load_mnist()
+
+
+def test_npz_without_the_arrays_names_what_is_missing(tmp_path):
+    bad = tmp_path / "bad.npz"
+    np.savez(bad, x_train=np.zeros((5, 28, 28), np.uint8))
+    with pytest.raises(InputError, match="x_valid") as e:
+        data.load_mnist(bad)
+    assert str(bad) in str(e.value)
+
+
+def test_no_mnist_anywhere_lists_what_was_tried(monkeypatch, data_dir):
+    monkeypatch.setattr(mnist_mod, "MIRRORS", ["http://127.0.0.1:9/"])
+    monkeypatch.setitem(sys.modules, "torchvision", None)  # importing it raises ImportError
+    with pytest.raises(InputError) as e:
+        data.ensure(spec("flying_mnist"), progress=False)
+    msg = str(e.value)
+    for part in ("NEM_MNIST", "--mnist", str(data_dir / "mnist"), "127.0.0.1", "torchvision"):
+        assert part in msg
+    assert not any(p.name.startswith("flying_mnist") for p in data_dir.iterdir())  # nothing half-made
+
+
+# ----------------------------------------------------------------------------------------
+# Plot
+
+
+def test_data_strip_writes_a_png(tmp_path):
+    from nem_study.plots import data_strip, label_colours
+
+    images, labels = data.generate(spec("flying_shapes", train=3), "train")
+    out = data_strip(images, labels, tmp_path / "strip.png", n_seq=2, n_frames=4, title="t")
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    rgb = label_colours(np.array([0, 1, 2, 255], np.uint8))
+    assert (rgb[0] == 0).all() and (rgb[3] == 1).all() and not np.allclose(rgb[1], rgb[2])
