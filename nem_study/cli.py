@@ -1,0 +1,155 @@
+"""``nem-study``: the command line.
+
+Every user-facing problem (bad config, missing file, damaged checkpoint) is an ``InputError``:
+one message naming the field or file, exit code 2, no traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+EXAMPLES = """examples:
+  nem-study train configs/flying_shapes.yaml --set model.k=5 --set train.max_epochs=3
+  nem-study evaluate runs/flying_shapes/best.pt --k 5 --objects 5 --steps 50
+  nem-study data generate flying_mnist --mnist ~/data/mnist.npz
+  nem-study data show flying_shapes --out strip.png
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="nem-study", description="Reproduce and stress-test Neural Expectation Maximization.",
+        epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    mnist_help = "MNIST as .npz or a folder of IDX files (default: $NEM_MNIST, the cache, a download)"
+    override_help = "override a config key, e.g. --set model.k=5 (repeatable)"
+
+    t = sub.add_parser("train", help="train one run from a config file",
+                       description="Train N-EM / RNN-EM from one run config (YAML). Prints a progress "
+                       "bar per epoch and ends with one JSON line of test metrics.")
+    t.add_argument("config", help="run config YAML (see configs/)")
+    t.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help=override_help)
+    t.add_argument("--out", help="checkpoint folder (default: train.checkpoint_dir, else runs/<name>-<time>)")
+    t.add_argument("--resume", metavar="CHECKPOINT", help="continue from this checkpoint (file or folder)")
+    t.add_argument("--mnist", help=mnist_help)
+    t.add_argument("--quiet", action="store_true", help="no progress output, only the final JSON line")
+
+    e = sub.add_parser("evaluate", help="evaluate a checkpoint, also with other K / objects / steps",
+                       description="Evaluate a trained network on its test set, optionally with another "
+                       "K, another object count, more time steps, or static images (NEM_SPEC.md §5). "
+                       "Prints JSON.")
+    e.add_argument("checkpoint", help="best.pt / last.pt, or the folder holding them (uses last.pt)")
+    e.add_argument("--k", type=int, help="number of components at test time")
+    e.add_argument("--objects", type=int, help="objects per image at test time")
+    e.add_argument("--steps", type=int, help="EM steps / time steps (e.g. 50)")
+    e.add_argument("--static", action="store_true", help="repeat each first frame for every step")
+    e.add_argument("--n", type=int, help="number of test sequences (default: all)")
+    e.add_argument("--average-method", default="max", choices=["max", "arithmetic", "min", "geometric"],
+                   help="AMI normalisation (paper: max)")
+    e.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    e.add_argument("--mnist", help=mnist_help)
+
+    d = sub.add_parser("data", help="generate or look at data sets",
+                       description="Data sets are a pure function of their spec; they are cached as "
+                       "Arrow files under $NEM_DATA_DIR (default: the user cache folder).")
+    dsub = d.add_subparsers(dest="data_command", required=True, metavar="ACTION")
+    for name, text in [("generate", "generate a data set into the cache (if absent)"),
+                       ("show", "write a PNG strip of a few sequences with their label maps")]:
+        a = dsub.add_parser(name, help=text, description=text)
+        a.add_argument("spec", metavar="NAME|SPEC.yaml",
+                       help="static_shapes, flying_shapes, flying_mnist, or a YAML data spec / run config")
+        a.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a spec field, e.g. --set objects=5")
+        a.add_argument("--mnist", help=mnist_help)
+        if name == "generate":
+            a.add_argument("--force", action="store_true", help="regenerate even if cached")
+        else:
+            a.add_argument("--split", default="train", choices=["train", "valid", "test"])
+            a.add_argument("--out", help="PNG path (default: NAME-strip.png)")
+            a.add_argument("--n", type=int, default=4, help="sequences to show")
+    return p
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from nem_study import data
+    from nem_study.config import load_run_config
+    from nem_study.train import fit
+
+    cfg = load_run_config(args.config, args.overrides)
+    if args.out:
+        cfg.train.checkpoint_dir = args.out
+    elif cfg.train.checkpoint_dir is None:
+        cfg.train.checkpoint_dir = f"runs/{Path(args.config).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+    splits = {s: data.load(cfg.data, s, mnist_path=args.mnist) for s in ("train", "valid", "test")}
+    log = (lambda *a: None) if args.quiet else (lambda *a: print(*a, file=sys.stderr, flush=True))
+    log(f"training {cfg.model.kind} K={cfg.model.k} on {cfg.data.name} ({len(splits['train'])} sequences), "
+        f"checkpoints in {cfg.train.checkpoint_dir}")
+    result = fit(cfg, splits, resume=args.resume, progress=not args.quiet)
+    out = Path(cfg.train.checkpoint_dir)
+    (out / "metrics.json").write_text(json.dumps(result, indent=1))
+    log(f"test AMI {result['test_ami']:.3f} (last step {result['test_ami_last']:.3f}), "
+        f"stopped by {result['stop_reason']} after {result['epochs']} epochs; metrics in {out / 'metrics.json'}")
+    print(json.dumps(result))
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from nem_study.evaluate import generalisation
+
+    result = generalisation(args.checkpoint, k=args.k, objects=args.objects, steps=args.steps,
+                            static=args.static, n=args.n, mnist_path=args.mnist, device=args.device,
+                            average_method=args.average_method)
+    print(json.dumps(result))
+    return 0
+
+
+def cmd_data(args: argparse.Namespace) -> int:
+    from nem_study import data
+    from nem_study.config import load_data_config
+
+    spec = load_data_config(args.spec, args.overrides)
+    if args.data_command == "generate":
+        path = data.ensure(spec, mnist_path=args.mnist, force=args.force)
+        print(path)
+        return 0
+    from nem_study.plots import data_strip
+
+    split = data.load(spec, args.split, mnist_path=args.mnist)
+    n = min(args.n, len(split))
+    out = args.out or f"{spec.name}-strip.png"
+    data_strip(split.images[:n], split.labels[:n], out, n_seq=n,
+               title=f"{spec.name}, {spec.objects} objects, {args.split} split")
+    print(out)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    from nem_study.config import InputError
+
+    args = build_parser().parse_args(argv)
+    handler = {"train": cmd_train, "evaluate": cmd_evaluate, "data": cmd_data}[args.command]
+    try:
+        return handler(args)
+    except InputError as e:
+        print(f"nem-study: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("nem-study: interrupted", file=sys.stderr)
+        return 130
+    except RuntimeError as e:
+        from nem_study.train import NonFiniteLoss
+
+        if isinstance(e, NonFiniteLoss):
+            print(f"nem-study: training stopped: {e}", file=sys.stderr)
+            return 1
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,283 @@
+"""One training run: ``fit(config)``.
+
+Adam, early stopping on the validation loss, best and last checkpoints, resume, and a final
+test evaluation (NEM_SPEC.md §3, §5). It reports through a plain callback
+``report(metrics: dict, checkpoint_dir: Path | None)`` and imports neither Ray nor MLflow.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from nem_study.config import InputError, NoiseConfig, RunConfig
+from nem_study.data import OVERLAP, Split
+from nem_study.metrics import ami_matrix, bce_upper_bound
+from nem_study.model import NEM
+
+CHECKPOINT_FORMAT = "nem-study-checkpoint/1"
+Report = Callable[[dict[str, Any], Path | None], None]
+
+
+class NonFiniteLoss(RuntimeError):
+    """The loss became NaN or infinite; the message says where."""
+
+
+# ----------------------------------------------------------------------------------------
+# Batches: frames -> (inputs, targets), noise
+
+
+def to_steps(frames: torch.Tensor, steps: int, static: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Clean frames (B, F, H, W) -> step-major inputs and targets, each (T, B, 1, H, W).
+
+    Sequences predict the next frame: input frame t, target frame t + 1 (§1.3).
+    Static data repeat one image for every EM step, and the target is the image itself.
+    """
+    x = frames.transpose(0, 1).unsqueeze(2)                       # (F, B, 1, H, W)
+    if static:
+        x0 = x[:1].expand(steps, *x.shape[1:])                    # (T, B, 1, H, W)
+        return x0, x0
+    if x.shape[0] < steps + 1:
+        raise InputError(f"the data have {x.shape[0]} frames, {steps} steps need {steps + 1}")
+    return x[:steps], x[1:steps + 1]
+
+
+def target_labels(labels: np.ndarray, steps: int, static: bool) -> np.ndarray:
+    """Label maps (B, F, H, W) of each step's target, (B, T, H, W)."""
+    return np.repeat(labels[:, :1], steps, axis=1) if static else labels[:, 1:steps + 1]
+
+
+def corrupt(x: torch.Tensor, noise: NoiseConfig, generator: torch.Generator) -> torch.Tensor:
+    """x_tilde, drawn fresh for every step (§3): bitflip x^n or masked uniform m u + (1-m) x."""
+    if noise.kind == "none" or noise.prob == 0:
+        return x
+    m = torch.rand(x.shape, generator=generator, device=x.device) < noise.prob
+    if noise.kind == "bitflip":
+        return torch.where(m, 1.0 - x, x)
+    u = torch.rand(x.shape, generator=generator, device=x.device)
+    return torch.where(m, u, x)
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise InputError("train.device: 'cuda' was asked for but torch sees no CUDA device")
+    return torch.device(name)
+
+
+# ----------------------------------------------------------------------------------------
+# Evaluation
+
+
+@torch.no_grad()
+def evaluate(model: NEM, split: Split, cfg: RunConfig, n: int | None = None, *,
+             k: int | None = None, steps: int | None = None, static: bool | None = None,
+             seed: int = 0, batch_size: int | None = None,
+             average_method: str = "max") -> dict[str, Any]:
+    """Loss, AMI per step (§5) and the next-step BCE bound of ``model`` on ``split``.
+
+    ``k``, ``steps`` and ``static`` override the run's values: the generalisation tests.
+    ``static=True`` on a sequence set repeats each sequence's first frame (static transfer).
+    """
+    model.eval()
+    device = next(model.parameters()).device
+    k = k or cfg.model.k
+    static = cfg.data.is_static if static is None else static
+    steps = steps or cfg.steps
+    n = min(n or len(split), len(split))
+    bs = batch_size or max(cfg.train.batch_size, 256)
+    gen = torch.Generator(device).manual_seed(10_000 + seed)
+    loss_sum, bce_sum = 0.0, torch.zeros(steps, dtype=torch.float64)
+    amis = []
+    for lo in range(0, n, bs):
+        idx = np.arange(lo, min(lo + bs, n))
+        frames, labels = split.batch(idx)
+        inputs, targets = to_steps(torch.from_numpy(frames).to(device), steps, static)
+        out = model(corrupt(inputs, cfg.noise, gen), targets, k=k, generator=gen, collect=True)
+        loss_sum += out.loss.item() * len(idx)
+        bce = bce_upper_bound(out.psi.flatten(0, 1), targets.flatten(0, 1))  # (T*B,)
+        bce_sum += bce.view(steps, -1).sum(1).double().cpu()
+        pred = out.gamma.argmax(2).squeeze(2).transpose(0, 1)    # (B, T, H, W)
+        true = target_labels(labels, steps, static)               # (B, T, H, W)
+        valid = (true != 0) & (true != OVERLAP)
+        amis.append(ami_matrix(true, pred.cpu().numpy(), valid, average_method=average_method))
+    model.train()
+    ami = np.concatenate(amis)                                    # (N, T)
+    with np.errstate(all="ignore"):
+        per_step = np.nanmean(ami, axis=0)                        # (T,)
+    return {
+        "loss": loss_sum / n,
+        "ami_per_step": [float(a) for a in per_step],
+        "ami": float(np.nanmean(per_step)),
+        "ami_last": float(per_step[-1]),
+        "bce_per_step": [float(b) for b in bce_sum / n],
+        "bce_bound": float(bce_sum.mean() / n),
+        "n": n, "k": k, "steps": steps, "static": static, "average_method": average_method,
+    }
+
+
+# ----------------------------------------------------------------------------------------
+# Checkpoints: plain dicts of tensors and JSON values, loadable with weights_only=True
+
+
+def save_checkpoint(path: Path, **state: Any) -> None:
+    tmp = path.with_suffix(".tmp")
+    torch.save({"format": CHECKPOINT_FORMAT, **state}, tmp)
+    tmp.replace(path)  # atomic: a killed run never leaves half a checkpoint
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Load and check a checkpoint; any problem is an InputError naming the file."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "last.pt"
+    if not path.is_file():
+        raise InputError(f"{path}: no such checkpoint")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises many kinds for a damaged or foreign file
+        raise InputError(f"{path}: not a readable checkpoint ({_first_line(e)})") from None
+    if not isinstance(ckpt, Mapping) or ckpt.get("format") != CHECKPOINT_FORMAT:
+        raise InputError(f"{path}: not a nem-study checkpoint (expected format {CHECKPOINT_FORMAT!r})")
+    try:
+        ckpt = dict(ckpt)
+        ckpt["config"] = RunConfig.model_validate(ckpt["config"])
+    except Exception as e:
+        raise InputError(f"{path}: the checkpoint's config is invalid: {e}") from None
+    return ckpt
+
+
+def _first_line(e: Exception) -> str:
+    text = str(e).strip()
+    return f"{type(e).__name__}: {text.splitlines()[0][:200]}" if text else type(e).__name__
+
+
+def load_model(path: str | Path, device: str = "auto") -> tuple[NEM, RunConfig, dict[str, Any]]:
+    ckpt = load_checkpoint(path)
+    cfg: RunConfig = ckpt["config"]
+    model = NEM(cfg.model, cfg.data.image_size)
+    try:
+        model.load_state_dict(ckpt["model"])
+    except (RuntimeError, KeyError) as e:
+        raise InputError(f"{path}: weights do not fit the model of its config ({_first_line(e)})") from None
+    return model.to(pick_device(device)), cfg, ckpt
+
+
+# ----------------------------------------------------------------------------------------
+# Training
+
+
+def fit(cfg: RunConfig, splits: Mapping[str, Split], report: Report | None = None,
+        resume: str | Path | None = None, progress: bool = False) -> dict[str, Any]:
+    """Train until early stopping, max_epochs or the time budget; return test metrics.
+
+    ``splits`` holds "train", "valid" and "test" (see ``nem_study.data.load``). ``resume`` is
+    a checkpoint (file or directory) to continue from, with its optimiser and counters.
+    """
+    tc = cfg.train
+    if tc.threads:
+        torch.set_num_threads(tc.threads)
+    device = pick_device(tc.device)
+    torch.manual_seed(tc.seed)
+    model = NEM(cfg.model, cfg.data.image_size).to(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=tc.lr)
+    ckpt_dir = Path(tc.checkpoint_dir) if tc.checkpoint_dir else None
+    if ckpt_dir:
+        ckpt_dir.mkdir(parents=True, exist_ok=True)
+
+    start_epoch, best_loss, best_epoch, history = 1, math.inf, 0, []
+    if resume is not None:
+        ckpt = load_checkpoint(resume)
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        start_epoch = ckpt["epoch"] + 1
+        best_loss, best_epoch, history = ckpt["best_valid_loss"], ckpt["best_epoch"], ckpt["history"]
+
+    train, valid = splits["train"], splits["valid"]
+    steps, static = cfg.steps, cfg.data.is_static
+    n_batches = len(train) // tc.batch_size or 1
+    t_start = time.monotonic()
+    stop_reason = "max_epochs"
+    epoch = start_epoch - 1
+    for epoch in range(start_epoch, tc.max_epochs + 1):
+        t0 = time.monotonic()
+        # Shuffling and noise depend only on (seed, epoch): a resumed run repeats them exactly.
+        order = np.random.default_rng([tc.seed, epoch]).permutation(len(train))
+        gen = torch.Generator(device).manual_seed(tc.seed * 1_000_003 + epoch)
+        bar = _progress(n_batches, f"epoch {epoch}", progress)
+        total = 0.0
+        for b in range(n_batches):
+            idx = np.sort(order[b * tc.batch_size:(b + 1) * tc.batch_size])
+            frames, _ = train.batch(idx)
+            inputs, targets = to_steps(torch.from_numpy(frames).to(device), steps, static)
+            out = model(corrupt(inputs, cfg.noise, gen), targets, generator=gen)
+            loss = out.loss.item()
+            if not math.isfinite(loss):
+                raise NonFiniteLoss(f"non-finite loss ({loss}) at epoch {epoch}, batch {b + 1} of "
+                                    f"{n_batches}: intra {out.intra.tolist()}, inter {out.inter.tolist()}")
+            optimizer.zero_grad(set_to_none=True)
+            out.loss.backward()
+            optimizer.step()
+            total += loss
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{total / (b + 1):.1f}")
+        if bar is not None:
+            bar.close()
+        val = evaluate(model, valid, cfg, tc.valid_samples, seed=tc.seed)  # same noise every epoch
+        improved = val["loss"] < best_loss
+        if improved:
+            best_loss, best_epoch = val["loss"], epoch
+        metrics = {
+            "epoch": epoch, "train_loss": total / n_batches, "valid_loss": val["loss"],
+            "valid_ami": val["ami"], "valid_ami_last": val["ami_last"],
+            "best_valid_loss": best_loss, "best_epoch": best_epoch,
+            "epoch_seconds": time.monotonic() - t0,
+            "sequences_per_second": n_batches * tc.batch_size / (time.monotonic() - t0),
+        }
+        if tc.test_each_epoch:
+            test = evaluate(model, splits["test"], cfg, tc.test_each_epoch, seed=tc.seed)
+            metrics |= {"test_ami": test["ami"], "test_ami_last": test["ami_last"]}
+        history.append(metrics)
+        if ckpt_dir:
+            state = dict(config=cfg.model_dump(mode="json"), model=model.state_dict(),
+                         optimizer=optimizer.state_dict(), epoch=epoch, best_valid_loss=best_loss,
+                         best_epoch=best_epoch, history=history)
+            save_checkpoint(ckpt_dir / "last.pt", **state)
+            if improved:
+                save_checkpoint(ckpt_dir / "best.pt", **state)
+        if progress:
+            print(f"epoch {epoch}: train {metrics['train_loss']:.2f}  valid {val['loss']:.2f}  "
+                  f"valid AMI {val['ami']:.3f}{'  *' if improved else ''}", flush=True)
+        if report is not None:
+            report(metrics, ckpt_dir)
+        if epoch - best_epoch >= tc.patience:
+            stop_reason = "early_stopping"
+            break
+        if tc.time_budget_s and time.monotonic() - t_start > tc.time_budget_s:
+            stop_reason = "time_budget"
+            break
+
+    # Test with the best weights (the kept checkpoint), as the paper does.
+    if ckpt_dir and (ckpt_dir / "best.pt").is_file():
+        model.load_state_dict(load_checkpoint(ckpt_dir / "best.pt")["model"])
+    test = evaluate(model, splits["test"], cfg, tc.test_samples, seed=tc.seed)
+    return {"test_" + k: v for k, v in test.items()} | {
+        "epochs": epoch, "best_epoch": best_epoch, "best_valid_loss": best_loss,
+        "stop_reason": stop_reason, "train_seconds": time.monotonic() - t_start,
+    }
+
+
+def _progress(total: int, desc: str, enabled: bool):
+    if not enabled:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit="batch", leave=False, dynamic_ncols=True)
