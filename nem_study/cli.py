@@ -79,7 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
 def cmd_train(args: argparse.Namespace) -> int:
     from nem_study import data
     from nem_study.config import load_run_config
-    from nem_study.train import fit
+    from nem_study.plots import training_curves
+    from nem_study.train import fit, load_checkpoint
 
     cfg = load_run_config(args.config, args.overrides)
     if args.out:
@@ -93,8 +94,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     result = fit(cfg, splits, resume=args.resume, progress=not args.quiet)
     out = Path(cfg.train.checkpoint_dir)
     (out / "metrics.json").write_text(json.dumps(result, indent=1))
+    history = load_checkpoint(out / "last.pt")["history"]
+    training_curves(history, out / "curves.png", title=f"{cfg.model.kind} K={cfg.model.k} on {cfg.data.name}")
     log(f"test AMI {result['test_ami']:.3f} (last step {result['test_ami_last']:.3f}), "
-        f"stopped by {result['stop_reason']} after {result['epochs']} epochs; metrics in {out / 'metrics.json'}")
+        f"stopped by {result['stop_reason']} after {result['epochs']} epochs; metrics in {out / 'metrics.json'}, "
+        f"curves in {out / 'curves.png'}")
     print(json.dumps(result))
     return 0
 

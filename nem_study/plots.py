@@ -75,3 +75,39 @@ def data_strip(images, labels, path, n_seq: int = 4, n_frames: int = 8, title: s
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
+
+
+def training_curves(history: list[dict], path, title: str | None = None) -> Path:
+    """A PNG of one run's epochs: train / valid loss (left) and AMI (right).
+
+    ``history`` is the trainer's list of per-epoch metrics; AMI curves are drawn for the keys
+    present (``valid_ami``, ``test_ami``).
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [h["epoch"] for h in history]
+    fig, (ax_loss, ax_ami) = plt.subplots(1, 2, figsize=(9, 3.4))
+    for key in ("train_loss", "valid_loss"):
+        ax_loss.plot(epochs, [h[key] for h in history], marker="o", ms=3, label=key.replace("_", " "))
+    ax_loss.set_xlabel("epoch")
+    ax_loss.set_ylabel("loss (sum over steps, pixels, K)")
+    ax_loss.legend(fontsize=8)
+    for key in ("valid_ami", "test_ami"):
+        if all(key in h for h in history):
+            ax_ami.plot(epochs, [h[key] for h in history], marker="o", ms=3, label=key.replace("_", " "))
+    ax_ami.set_xlabel("epoch")
+    ax_ami.set_ylabel("AMI (mean over steps)")
+    ax_ami.set_ylim(bottom=min(0.0, ax_ami.get_ylim()[0]))
+    ax_ami.grid(alpha=0.3)
+    ax_ami.legend(fontsize=8)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

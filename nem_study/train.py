@@ -92,7 +92,7 @@ def evaluate(model: NEM, split: Split, cfg: RunConfig, n: int | None = None, *,
     static = cfg.data.is_static if static is None else static
     steps = steps or cfg.steps
     n = min(n or len(split), len(split))
-    bs = batch_size or max(cfg.train.batch_size, 256)
+    bs = batch_size or cfg.train.batch_size
     gen = torch.Generator(device).manual_seed(10_000 + seed)
     loss_sum, bce_sum = 0.0, torch.zeros(steps, dtype=torch.float64)
     amis = []

@@ -96,6 +96,7 @@ def test_train_then_evaluate_generalisation_end_to_end(tmp_path):
     assert 0.0 <= result["test_ami"] <= 1.0 or result["test_ami"] != result["test_ami"]
     assert len(result["test_ami_per_step"]) == 3
     assert (out / "best.pt").is_file() and (out / "last.pt").is_file()
+    assert (out / "curves.png").stat().st_size > 1000
     assert json.loads((out / "metrics.json").read_text())["epochs"] == 1
 
     r = cli("evaluate", str(out / "best.pt"), "--k", "5", "--objects", "2", "--steps", "6", env=env)

@@ -1,0 +1,72 @@
+"""Training-step throughput (sequences / s) of each network of NEM_SPEC.md §3.
+
+One step = forward over all EM steps, backward, Adam update, on random binary / grey frames,
+batch 64, T = 20 (static data: 15 EM steps). Prints the median over repeats.
+
+    .venv/bin/python bench/bench_train.py [--repeats 5] [--threads 2] [--batch 64]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import time
+
+import torch
+
+from nem_study.config import RunConfig
+from nem_study.model import NEM
+from nem_study.train import corrupt, to_steps
+
+SETUPS = {
+    "static shapes, N-EM": {"data": {"name": "static_shapes"}, "model": {"kind": "nem"}},
+    "static shapes, RNN-EM (fc)": {"data": {"name": "static_shapes"}},
+    "flying shapes, RNN-EM (conv)": {"data": {"name": "flying_shapes"}},
+    "flying MNIST, RNN-EM (conv)": {"data": {"name": "flying_mnist"}, "model": {"k": 2}},
+}
+
+
+def step_time(cfg: RunConfig, batch: int, repeats: int) -> list[float]:
+    torch.manual_seed(0)
+    model = NEM(cfg.model, cfg.data.image_size)
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.train.lr)
+    S, F = cfg.data.image_size, cfg.data.frames
+    frames = torch.rand(batch, F, S, S)
+    if not cfg.data.grey:
+        frames = (frames > 0.85).float()
+    gen = torch.Generator().manual_seed(0)
+    times = []
+    for i in range(repeats + 1):  # the first step warms up
+        t0 = time.perf_counter()
+        inputs, targets = to_steps(frames, cfg.steps, cfg.data.is_static)
+        out = model(corrupt(inputs, cfg.noise, gen), targets, generator=gen)
+        opt.zero_grad(set_to_none=True)
+        out.loss.backward()
+        opt.step()
+        if i:
+            times.append(time.perf_counter() - t0)
+    return times
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--threads", type=int, default=torch.get_num_threads())
+    p.add_argument("--batch", type=int, default=64)
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
+          f"torch threads {args.threads}; torch {torch.__version__}, python {platform.python_version()}")
+    print(f"batch {args.batch}, median of {args.repeats} steps after one warm-up step\n")
+    print("| network | K | steps | s / step (median) | sequences / s |")
+    print("|---|---|---|---|---|")
+    for name, setup in SETUPS.items():
+        cfg = RunConfig.model_validate(setup)
+        t = statistics.median(step_time(cfg, args.batch, args.repeats))
+        print(f"| {name} | {cfg.model.k} | {cfg.steps} | {t:.3f} | {args.batch / t:.1f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
