@@ -148,3 +148,24 @@ def test_initial_gamma_is_normalised_and_k1_is_one():
     assert (psi == 0).all()
     _, _, gamma1 = model.init_state(x, 1)
     assert torch.allclose(gamma1, torch.ones_like(gamma1))
+
+
+def test_up_conv_equals_upsample_then_same_padded_conv():
+    """UpConv's sub-pixel form against PyTorch's upsample + TF-SAME-padded 4x4 conv."""
+    from torch.nn import functional as F
+
+    from nem_study.model import UpConv
+
+    torch.manual_seed(0)
+    layer = UpConv(5, 3).double()
+    x = torch.randn(2, 5, 7, 6, dtype=torch.float64, requires_grad=True)
+    ours = layer(x)
+    up = F.interpolate(x, scale_factor=2, mode="nearest")
+    reference = F.conv2d(F.pad(up, (1, 2, 1, 2)), layer.weight, layer.bias)
+    assert ours.shape == reference.shape == (2, 3, 14, 12)
+    assert torch.allclose(ours, reference, atol=1e-12)
+    g = torch.randn_like(ours)
+    grads = torch.autograd.grad((ours * g).sum(), (x, layer.weight, layer.bias))
+    want = torch.autograd.grad((reference * g).sum(), (x, layer.weight, layer.bias))
+    for a, b in zip(grads, want):
+        assert torch.allclose(a, b, atol=1e-10)
