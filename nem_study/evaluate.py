@@ -30,7 +30,7 @@ def test_spec(cfg: RunConfig, objects: int | None = None, steps: int | None = No
 def generalisation(checkpoint: str | Path, *, k: int | None = None, objects: int | None = None,
                    steps: int | None = None, static: bool = False, n: int | None = None,
                    mnist_path: str | None = None, device: str = "auto",
-                   average_method: str = "max") -> dict[str, Any]:
+                   average_method: str = "max", panel: str | None = None) -> dict[str, Any]:
     """Evaluate the network of ``checkpoint`` with the given changes on its test set."""
     model, cfg, ckpt = load_model(checkpoint, device)
     if k is not None and k < 1:
@@ -38,7 +38,8 @@ def generalisation(checkpoint: str | Path, *, k: int | None = None, objects: int
     spec = test_spec(cfg, objects, steps)
     split = data.load(spec, "test", mnist_path=mnist_path)
     result = evaluate(model, split, cfg, n or cfg.train.test_samples, k=k, steps=steps,
-                      static=static or None, seed=cfg.train.seed, average_method=average_method)
+                      static=static or None, seed=cfg.train.seed, average_method=average_method,
+                      panel=panel)
     return {"checkpoint": str(checkpoint), "epoch": ckpt["epoch"],
             "train": {"k": cfg.model.k, "objects": cfg.data.objects, "steps": cfg.steps},
             "test": {"k": result["k"], "objects": spec.objects, "steps": result["steps"],

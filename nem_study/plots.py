@@ -111,3 +111,45 @@ def training_curves(history: list[dict], path, title: str | None = None) -> Path
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
+
+
+def grouping_panel(frames, psi, gamma, labels, path, seq: int = 0, n_steps: int = 10,
+                   title: str | None = None) -> Path:
+    """Figure-4-style panel of one sequence: the input frames, each component's prediction
+    psi_k, the soft assignment gamma (component colours mixed by gamma) and the true labels.
+
+    frames: (T, H, W) the input at each step; psi, gamma: (T, K, H, W); labels: (T, H, W) of
+    each step's target. Shows ``n_steps`` steps evenly spaced over T.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    frames, psi, gamma, labels = (np.asarray(a) for a in (frames, psi, gamma, labels))
+    T, K = psi.shape[:2]
+    steps = np.unique(np.linspace(0, T - 1, min(n_steps, T)).round().astype(int))
+    colours = _OBJECT_COLOURS[np.arange(K) % len(_OBJECT_COLOURS)]          # (K, 3)
+    soft = np.einsum("tkhw,kc->thwc", gamma, colours).clip(0, 1)             # (T, H, W, 3)
+    rows = [("input", lambda t: frames[t], "gray")]
+    rows += [(f"psi {k + 1}", (lambda k: lambda t: psi[t, k])(k), "gray") for k in range(K)]
+    rows += [("gamma", lambda t: soft[t], None), ("truth", lambda t: label_colours(labels[t]), None)]
+    fig, axes = plt.subplots(len(rows), len(steps), figsize=(1.1 * len(steps) + 0.6, 1.15 * len(rows) + 0.4),
+                             squeeze=False)
+    for r, (name, image, cmap) in enumerate(rows):
+        for c, t in enumerate(steps):
+            ax = axes[r, c]
+            ax.imshow(image(t), cmap=cmap, vmin=0, vmax=1, interpolation="nearest")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if r == 0:
+                ax.set_title(f"t = {t + 1}", fontsize=8)
+        axes[r, 0].set_ylabel(name, fontsize=8)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

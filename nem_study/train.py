@@ -76,15 +76,28 @@ def pick_device(name: str) -> torch.device:
 # Evaluation
 
 
+def component_shares(pred: np.ndarray, valid: np.ndarray, k: int) -> np.ndarray:
+    """Per image, the share of object pixels each component wins, largest first: (B, K).
+
+    A diagnostic for collapse: K = 3 on 3 objects should approach (1/3, 1/3, 1/3) when every
+    component takes one object; (0.5, 0.5, 0) says one component is unused.
+    """
+    onehot = (pred[..., None] == np.arange(k)) & valid[..., None]         # (B, H, W, K)
+    counts = onehot.reshape(len(pred), -1, k).sum(1).astype(np.float64)    # (B, K)
+    with np.errstate(invalid="ignore"):
+        return -np.sort(-counts / counts.sum(1, keepdims=True), axis=1)
+
+
 @torch.no_grad()
 def evaluate(model: NEM, split: Split, cfg: RunConfig, n: int | None = None, *,
              k: int | None = None, steps: int | None = None, static: bool | None = None,
              seed: int = 0, batch_size: int | None = None,
-             average_method: str = "max") -> dict[str, Any]:
+             average_method: str = "max", panel: str | Path | None = None) -> dict[str, Any]:
     """Loss, AMI per step (§5) and the next-step BCE bound of ``model`` on ``split``.
 
     ``k``, ``steps`` and ``static`` override the run's values: the generalisation tests.
     ``static=True`` on a sequence set repeats each sequence's first frame (static transfer).
+    ``panel``: also write a PNG of the first sequence's groupings (``plots.grouping_panel``).
     """
     model.eval()
     device = next(model.parameters()).device
@@ -95,19 +108,28 @@ def evaluate(model: NEM, split: Split, cfg: RunConfig, n: int | None = None, *,
     bs = batch_size or cfg.train.batch_size
     gen = torch.Generator(device).manual_seed(10_000 + seed)
     loss_sum, bce_sum = 0.0, torch.zeros(steps, dtype=torch.float64)
-    amis = []
+    amis, shares = [], []
     for lo in range(0, n, bs):
         idx = np.arange(lo, min(lo + bs, n))
         frames, labels = split.batch(idx)
         inputs, targets = to_steps(torch.from_numpy(frames).to(device), steps, static)
-        out = model(corrupt(inputs, cfg.noise, gen), targets, k=k, generator=gen, collect=True)
+        x_tilde = corrupt(inputs, cfg.noise, gen)                 # (T, B, 1, H, W)
+        out = model(x_tilde, targets, k=k, generator=gen, collect=True)
         loss_sum += out.loss.item() * len(idx)
         bce = bce_upper_bound(out.psi.flatten(0, 1), targets.flatten(0, 1))  # (T*B,)
         bce_sum += bce.view(steps, -1).sum(1).double().cpu()
         pred = out.gamma.argmax(2).squeeze(2).transpose(0, 1)    # (B, T, H, W)
         true = target_labels(labels, steps, static)               # (B, T, H, W)
         valid = (true != 0) & (true != OVERLAP)
-        amis.append(ami_matrix(true, pred.cpu().numpy(), valid, average_method=average_method))
+        pred = pred.cpu().numpy()
+        amis.append(ami_matrix(true, pred, valid, average_method=average_method))
+        shares.append(component_shares(pred[:, -1], valid[:, -1], k))
+        if panel and lo == 0:
+            from nem_study.plots import grouping_panel
+
+            grouping_panel(x_tilde[:, 0, 0].cpu(), out.psi[:, 0, :, 0].cpu(), out.gamma[:, 0, :, 0].cpu(),
+                           true[0], panel, title=f"K = {k}, {'static' if static else 'sequence'}, "
+                           f"test sequence {idx[0]}")
     model.train()
     ami = np.concatenate(amis)                                    # (N, T)
     with np.errstate(all="ignore"):
@@ -118,6 +140,7 @@ def evaluate(model: NEM, split: Split, cfg: RunConfig, n: int | None = None, *,
         "ami": float(np.nanmean(per_step)),
         "ami_last": float(per_step[-1]),
         "bce_per_step": [float(b) for b in bce_sum / n],
+        "component_shares": [float(c) for c in np.nanmean(np.concatenate(shares), axis=0)],
         "bce_bound": float(bce_sum.mean() / n),
         "n": n, "k": k, "steps": steps, "static": static, "average_method": average_method,
     }

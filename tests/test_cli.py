@@ -105,7 +105,9 @@ def test_train_then_evaluate_generalisation_end_to_end(tmp_path):
     assert ev["test"] == {"k": 5, "objects": 2, "steps": 6, "static": False}
     assert len(ev["ami_per_step"]) == 6
 
-    r = cli("evaluate", str(out), "--static", "--steps", "5", "--n", "8", env=env)
+    r = cli("evaluate", str(out), "--static", "--steps", "5", "--n", "8", "--panel", str(tmp_path / "p.png"),
+            env=env)
     assert r.returncode == 0, r.stderr
+    assert (tmp_path / "p.png").stat().st_size > 1000
     ev = json.loads(r.stdout)
     assert ev["test"]["static"] is True and ev["n"] == 8 and len(ev["ami_per_step"]) == 5

@@ -114,3 +114,12 @@ def test_truncated_checkpoint_is_a_clear_input_error(tmp_path):
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
     with pytest.raises(InputError, match="last.pt"):
         load_checkpoint(path)
+
+
+def test_component_shares_sorts_each_images_shares():
+    from nem_study.train import component_shares
+
+    pred = np.array([[[0, 0, 1, 2]], [[1, 1, 1, 1]]])           # (B=2, H=1, W=4)
+    valid = np.array([[[True, True, True, False]], [[True, True, False, False]]])
+    shares = component_shares(pred, valid, 3)
+    assert np.allclose(shares, [[2 / 3, 1 / 3, 0], [1, 0, 0]])
