@@ -13,10 +13,12 @@ import time
 from pathlib import Path
 
 EXAMPLES = """examples:
-  nem-study train configs/flying_shapes.yaml --set model.k=5 --set train.max_epochs=3
+  nem-study train studies/runs/flying_shapes.yaml --set model.k=5 --set train.max_epochs=3
   nem-study evaluate runs/flying_shapes/best.pt --k 5 --objects 5 --steps 50
   nem-study data generate flying_mnist --mnist ~/data/mnist.npz
   nem-study data show flying_shapes --out strip.png
+  nem-study validate studies/quickstart.yaml
+  nem-study run studies/quickstart.yaml
 """
 
 
@@ -32,7 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="train one run from a config file",
                        description="Train N-EM / RNN-EM from one run config (YAML). Prints a progress "
                        "bar per epoch and ends with one JSON line of test metrics.")
-    t.add_argument("config", help="run config YAML (see configs/)")
+    t.add_argument("config", help="run config YAML (examples in studies/runs/)")
     t.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help=override_help)
     t.add_argument("--out", help="checkpoint folder (default: train.checkpoint_dir, else runs/<name>-<time>)")
@@ -53,6 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--average-method", default="max", choices=["max", "arithmetic", "min", "geometric"],
                    help="AMI normalisation (paper: max)")
     e.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    e.add_argument("--panel", metavar="PNG", help="also draw the first test sequence's groupings "
+                   "(input, each component's prediction, gamma, truth)")
     e.add_argument("--mnist", help=mnist_help)
 
     d = sub.add_parser("data", help="generate or look at data sets",
@@ -73,6 +77,24 @@ def build_parser() -> argparse.ArgumentParser:
             a.add_argument("--split", default="train", choices=["train", "valid", "test"])
             a.add_argument("--out", help="PNG path (default: NAME-strip.png)")
             a.add_argument("--n", type=int, default=4, help="sequences to show")
+
+    v = sub.add_parser("validate", help="check a study file and list its trials",
+                       description="Check a study YAML (base run, grid, seeds, resources, tracking). "
+                       "Reports every problem at once with its place in the YAML (exit 2), else the "
+                       "trials it would launch.")
+    v.add_argument("study", help="study YAML (see studies/)")
+
+    r = sub.add_parser("run", help="run a study: its trials on Ray Tune, tracked in MLflow",
+                       description="Run every trial of a study (grid cells x seeds) on Ray Tune, each "
+                       "one an MLflow child run under one parent run per study. Checks the tracking "
+                       "store first; ends with a summary (trials finished / failed, best test AMI "
+                       "per grid cell).")
+    r.add_argument("study", help="study YAML (see studies/)")
+    r.add_argument("--address", metavar="auto|HOST:PORT",
+                   help="an existing Ray cluster (default: start a local Ray for this run)")
+    r.add_argument("--num-cpus", type=int, metavar="N",
+                   help="CPUs of the local Ray (default: $NEM_RAY_CPUS, else all)")
+    r.add_argument("--dry-run", action="store_true", help="print the trials and exit")
     return p
 
 
@@ -108,7 +130,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     result = generalisation(args.checkpoint, k=args.k, objects=args.objects, steps=args.steps,
                             static=args.static, n=args.n, mnist_path=args.mnist, device=args.device,
-                            average_method=args.average_method)
+                            average_method=args.average_method, panel=args.panel)
     print(json.dumps(result))
     return 0
 
@@ -133,11 +155,54 @@ def cmd_data(args: argparse.Namespace) -> int:
     return 0
 
 
+def print_trials(study_path: str, study, trials) -> None:
+    print(f"{study_path}: study {study.name!r}, {len(trials)} trial(s) "
+          f"({len(trials) // study.seeds} grid cell(s) x {study.seeds} seed(s))")
+    d = trials[0].config.data if trials else None
+    if d is not None:
+        print(f"  {d.name}, {d.train}/{d.valid}/{d.test} sequences, {d.frames} frame(s), "
+              f"max {trials[0].config.train.max_epochs} epochs; {study.resources.cpu:g} CPU, "
+              f"{study.resources.gpu:g} GPU per trial")
+    for t in trials:
+        print(f"  {t.index:>4}  {t.name}")
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    from nem_study.config import expand_trials, load_study_config
+
+    study = load_study_config(args.study)
+    print_trials(args.study, study, expand_trials(study))
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from nem_study.config import cell_name, expand_trials, load_study_config
+
+    study = load_study_config(args.study)
+    trials = expand_trials(study)
+    print_trials(args.study, study, trials)
+    if args.dry_run:
+        return 0
+    from nem_study.study import run_study
+
+    result = run_study(study, args.study, address=args.address, num_cpus=args.num_cpus)
+    print(f"\nstudy {study.name!r}: {len(result.finished)} trial(s) finished, {len(result.failed)} failed "
+          f"(MLflow parent run {result.parent_run_id}, {study.tracking.uri}, experiment {study.experiment!r})")
+    for name, error in result.failed.items():
+        print(f"  failed  {name}: {error}")
+    for cell, ami in sorted(result.best_test_ami.items()):
+        print(f"  best test AMI {ami:.3f}  {cell_name(json.loads(cell)) or '(no grid)'}")
+    print(json.dumps({"finished": len(result.finished), "failed": len(result.failed),
+                      "parent_run_id": result.parent_run_id}))
+    return 1 if result.failed else 0
+
+
 def main(argv: list[str] | None = None) -> int:
     from nem_study.config import InputError
 
     args = build_parser().parse_args(argv)
-    handler = {"train": cmd_train, "evaluate": cmd_evaluate, "data": cmd_data}[args.command]
+    handler = {"train": cmd_train, "evaluate": cmd_evaluate, "data": cmd_data, "validate": cmd_validate,
+               "run": cmd_run}[args.command]
     try:
         return handler(args)
     except InputError as e:

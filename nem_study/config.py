@@ -1,4 +1,4 @@
-"""One typed schema for everything: data specs, runs (and, later, studies).
+"""One typed schema for everything: data specs, runs and studies.
 
 The CLI, the YAML files and the tests all build these pydantic models. Unknown keys are
 errors (``extra="forbid"``), and every field left as ``None`` is filled from the data set's
@@ -8,11 +8,15 @@ explicit (what gets logged is what ran).
 
 from __future__ import annotations
 
+import copy
+import itertools
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
+from pydantic_core import InitErrorDetails, PydanticCustomError
 
 DataName = Literal["static_shapes", "flying_shapes", "flying_mnist"]
 
@@ -223,3 +227,212 @@ def load_data_config(name_or_path: str, overrides: list[str] | None = None) -> D
         return DataConfig.model_validate(raw)
     except ValidationError as e:
         raise InputError(format_validation_error(e, name_or_path)) from None
+
+
+# ----------------------------------------------------------------------------------------
+# Studies: a base run, a grid over run-config keys, seeds; each combination is one trial
+
+# Keys a study sets itself, so a grid must not: seeds come from ``seeds``, checkpoints go
+# into each trial's own folder.
+STUDY_OWNED_KEYS = {"train.seed": "set by `seeds`", "train.checkpoint_dir": "set per trial by the study"}
+
+
+class ResourcesConfig(Strict):
+    """What one trial reserves from Ray; fractions let several trials share a GPU."""
+
+    cpu: float = Field(1.0, gt=0)
+    gpu: float = Field(0.0, ge=0)
+
+
+class StopConfig(Strict):
+    """Limits applied to every trial (they override ``base.train``)."""
+
+    max_epochs: int | None = Field(None, ge=1)
+    time_budget_s: float | None = Field(None, gt=0)
+
+
+class TrackingConfig(Strict):
+    uri: str = Field("sqlite:///mlflow.db", min_length=1, description="MLflow tracking URI")
+    experiment: str | None = Field(None, min_length=1, description="MLflow experiment (default: the study name)")
+    artifact_location: str = Field("./mlartifacts", min_length=1,
+                                   description="where a new experiment stores artifacts")
+
+
+class StudyConfig(Strict):
+    """A study: the cartesian product of ``grid`` over ``base``, times ``seeds``.
+
+    Every grid key is a dotted run-config key (``model.k``) and every value must give a valid
+    run config; problems are reported all at once, located in the YAML (``grid.model.k[1]``).
+    """
+
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", description="also the Ray and MLflow name")
+    base: RunConfig = Field(default_factory=RunConfig)
+    grid: dict[str, list[Any]] = Field(default_factory=dict)
+    seeds: int = Field(1, ge=1, description="independent runs per grid cell (train.seed; data are shared)")
+    resources: ResourcesConfig = Field(default_factory=ResourcesConfig)
+    stop: StopConfig = Field(default_factory=StopConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    storage: str = Field("./ray_results", min_length=1, description="Ray Tune results and checkpoints")
+    max_failures: int = Field(2, ge=0, description="restarts of a failed trial (from its last checkpoint)")
+
+    # The base as written: grid values are applied to it before defaults are resolved, so a
+    # grid over data.name still gets each data set's own defaults.
+    _base_raw: dict[str, Any] = PrivateAttr(default_factory=dict)
+
+    @model_validator(mode="wrap")
+    @classmethod
+    def _validate_with_grid(cls, data: Any, handler: Any) -> StudyConfig:
+        if not isinstance(data, dict):
+            return handler(data)
+        problems: list[InitErrorDetails] = []
+        study = None
+        try:
+            study = handler(data)
+        except ValidationError as e:
+            problems += [_detail(err["loc"], err["type"], err["msg"], err.get("input")) for err in e.errors()]
+        base = data.get("base", {})
+        base_raw = base.model_dump(mode="json", exclude_unset=True) if isinstance(base, RunConfig) else base
+        grid = data.get("grid")
+        if isinstance(base_raw, dict) and isinstance(grid, dict):
+            problems += _grid_problems(base_raw, grid)
+        if not problems:
+            study._base_raw = copy.deepcopy(base_raw)
+            problems += _combination_problems(study)
+        if problems:
+            raise ValidationError.from_exception_data(cls.__name__, problems)
+        return study
+
+    def run_config(self, cell: dict[str, Any], seed: int) -> RunConfig:
+        """The resolved run config of one grid cell with ``train.seed = seed``."""
+        raw = _with_values(self._base_raw, cell)
+        train = raw.setdefault("train", {})
+        train["seed"] = seed
+        if self.stop.max_epochs is not None:
+            train["max_epochs"] = self.stop.max_epochs
+        if self.stop.time_budget_s is not None:
+            train["time_budget_s"] = self.stop.time_budget_s
+        return RunConfig.model_validate(raw)
+
+    @property
+    def experiment(self) -> str:
+        return self.tracking.experiment or self.name
+
+
+def _detail(loc: tuple, kind: str, msg: str, value: Any) -> InitErrorDetails:
+    return InitErrorDetails(type=PydanticCustomError(kind, msg.replace("{", "{{").replace("}", "}}")),
+                            loc=loc, input=value)
+
+
+def _with_values(raw: dict[str, Any], values: dict[str, Any]) -> dict[str, Any]:
+    """A deep copy of ``raw`` with dotted keys (``model.k``) set to the given values."""
+    out = copy.deepcopy(raw)
+    for key, value in values.items():
+        section, field = key.split(".")
+        if not isinstance(out.get(section), dict):
+            out[section] = {}
+        out[section][field] = value
+    return out
+
+
+def _grid_problems(base_raw: dict[str, Any], grid: dict[str, Any]) -> list[InitErrorDetails]:
+    """Every problem of the grid: unknown keys, empty lists, values that break the run config.
+
+    A value is blamed for errors at its own key, and for errors elsewhere that the base alone
+    does not have: a broken base is reported once (under ``base``), not under every value.
+    """
+    def errors(raw: dict[str, Any]) -> list[tuple[tuple, str, str, Any]]:
+        try:
+            RunConfig.model_validate(raw)
+        except ValidationError as e:
+            return [(tuple(err["loc"]), err["type"], err["msg"], err.get("input")) for err in e.errors()]
+        except Exception as e:  # a value of the wrong shape (e.g. a list where a section goes)
+            return [((), "value_error", str(e), None)]
+        return []
+
+    base_errors = set((loc, msg) for loc, _, msg, _ in errors(base_raw))
+    problems = []
+    sections = RunConfig.model_fields
+    for key, values in grid.items():
+        parts = str(key).split(".")
+        if len(parts) != 2 or parts[0] not in sections or \
+                parts[1] not in sections[parts[0]].annotation.model_fields:
+            problems.append(_detail(("grid", str(key)), "grid_key",
+                                    "not a run-config key (expected SECTION.FIELD, e.g. model.k, "
+                                    "data.objects, noise.prob, train.lr)", key))
+            continue
+        if key in STUDY_OWNED_KEYS:
+            problems.append(_detail(("grid", key), "grid_key", f"not allowed in a grid: {STUDY_OWNED_KEYS[key]}",
+                                    key))
+            continue
+        if not isinstance(values, list) or not values:
+            problems.append(_detail(("grid", key), "grid_values", "expected a non-empty list of values",
+                                    values))
+            continue
+        for i, value in enumerate(values):
+            for loc, kind, msg, _ in errors(_with_values(base_raw, {key: value})):
+                if loc == tuple(parts) or (loc, msg) not in base_errors:
+                    problems.append(_detail(("grid", f"{key}[{i}]"), kind, msg, value))
+    return problems
+
+
+def _combination_problems(study: StudyConfig) -> list[InitErrorDetails]:
+    """Values valid one by one can still clash (e.g. data.name and data.frames); try every cell."""
+    problems = []
+    for cell in grid_cells(study.grid):
+        try:
+            study.run_config(cell, study.base.train.seed)
+        except ValidationError as e:
+            for err in e.errors():
+                where = ".".join(str(p) for p in err["loc"]) or "(top level)"
+                problems.append(_detail(("grid",), "grid_cell", f"the cell {cell_name(cell)} gives "
+                                        f"{where}: {err['msg']}", cell))
+    return problems
+
+
+def grid_cells(grid: dict[str, list[Any]]) -> list[dict[str, Any]]:
+    """The cartesian product of the grid, in YAML order (the last key varies fastest)."""
+    return [dict(zip(grid, values)) for values in itertools.product(*grid.values())]
+
+
+def cell_name(cell: dict[str, Any]) -> str:
+    """``k=3,objects=3``: the field names, or the dotted keys where two fields share a name."""
+    fields = [key.split(".")[-1] for key in cell]
+    short = len(set(fields)) == len(fields)
+    return ",".join(f"{key.split('.')[-1] if short else key}={value}" for key, value in cell.items())
+
+
+@dataclass(frozen=True)
+class TrialSpec:
+    """One trial of a study: a grid cell, a seed index, and the run config they resolve to."""
+
+    index: int
+    name: str
+    cell: dict[str, Any]
+    seed: int
+    config: RunConfig
+
+    def to_json(self) -> dict[str, Any]:
+        return {"index": self.index, "name": self.name, "cell": self.cell, "seed": self.seed,
+                "config": self.config.model_dump(mode="json")}
+
+
+def expand_trials(study: StudyConfig) -> list[TrialSpec]:
+    """Grid cells x seeds (base.train.seed, +1, ...), seeds innermost; names like ``k=3,objects=3,seed=0``."""
+    trials = []
+    for cell in grid_cells(study.grid):
+        for i in range(study.seeds):
+            config = study.run_config(cell, study.base.train.seed + i)
+            # The values as validated (YAML reads 1.0e38 as a string; the config has a float).
+            typed = {key: getattr(getattr(config, key.split(".")[0]), key.split(".")[1]) for key in cell}
+            name = ",".join(filter(None, [cell_name(typed), f"seed={config.train.seed}"]))
+            trials.append(TrialSpec(len(trials), name, typed, config.train.seed, config))
+    return trials
+
+
+def load_study_config(path: str | Path) -> StudyConfig:
+    """Read and validate a study YAML; every problem in one InputError."""
+    raw = read_yaml(path)
+    try:
+        return StudyConfig.model_validate(raw)
+    except ValidationError as e:
+        raise InputError(format_validation_error(e, str(path))) from None

@@ -1,0 +1,203 @@
+"""MLflow: one parent run per study, one child run per trial, metrics and artifacts.
+
+Everything here is plain MLflow client calls on plain data (dicts, files), so the trial
+function can call it from any Ray worker. The trainer never imports this module.
+
+A tracking URI is resolved once, in the driver: relative SQLite paths and artifact folders
+become absolute, because Ray runs each trial in its own working directory.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+from pathlib import Path
+from typing import Any
+
+from nem_study.config import InputError, RunConfig, StudyConfig, TrialSpec
+
+TRIAL_TAG = "nem_study.trial"        # the trial name, to find a child run again after a restart
+PARENT_TAG = "mlflow.parentRunId"    # what the MLflow UI nests child runs by
+DESCRIPTIVE = {"test_n", "test_k", "test_steps", "test_static"}
+
+
+def resolve_uri(uri: str) -> str:
+    """``sqlite:///mlflow.db`` -> ``sqlite:////abs/mlflow.db``; plain paths -> ``file://`` URIs."""
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        return "sqlite:///" + str(Path(uri.removeprefix("sqlite:///")).resolve())
+    if "://" not in uri:
+        return Path(uri).resolve().as_uri()
+    return uri
+
+
+def _client(uri: str):
+    import mlflow
+
+    return mlflow.MlflowClient(tracking_uri=uri)
+
+
+def ensure_reachable(uri: str, timeout_s: float = 5.0) -> None:
+    """Fail early, naming the URI, if the tracking store cannot be used.
+
+    HTTP servers get one short probe first: the MLflow client itself retries with back-off
+    for minutes before it gives up.
+    """
+    if uri.startswith(("http://", "https://")):
+        import requests
+
+        try:
+            requests.get(uri, timeout=timeout_s)
+        except requests.RequestException as e:
+            raise InputError(f"tracking.uri {uri}: the MLflow server is not reachable "
+                             f"({type(e).__name__}). Start it (mlflow server ...) or fix the URI.") from None
+    if uri.startswith("sqlite:///"):
+        folder = Path(uri.removeprefix("sqlite:///")).parent
+        if not folder.is_dir():
+            raise InputError(f"tracking.uri {uri}: the folder {folder} does not exist")
+    try:
+        _client(uri).search_experiments(max_results=1)
+    except Exception as e:
+        first = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
+        raise InputError(f"tracking.uri {uri}: the MLflow tracking store is not usable "
+                         f"({type(e).__name__}: {first})") from None
+
+
+def get_experiment(uri: str, name: str, artifact_location: str) -> str:
+    """The id of experiment ``name``, created (with its artifact folder) if absent."""
+    client = _client(uri)
+    experiment = client.get_experiment_by_name(name)
+    if experiment is not None:
+        return experiment.experiment_id
+    return client.create_experiment(name, artifact_location=resolve_uri(artifact_location))
+
+
+def git_commit() -> str | None:
+    """The commit of the source tree this package runs from, with ``-dirty`` if changed."""
+    here = Path(__file__).resolve().parent
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True,
+                                timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return commit + ("-dirty" if dirty else "")
+
+
+def start_parent(uri: str, experiment_id: str, study: StudyConfig, study_yaml: str | Path,
+                 trials: list[TrialSpec]) -> str:
+    """One parent run per study: its name, version, commit, the YAML and the trial list."""
+    from importlib.metadata import version
+
+    client = _client(uri)
+    tags = {"nem_study.version": version("nem-study"), "nem_study.kind": "study"}
+    commit = git_commit()
+    if commit:
+        tags["mlflow.source.git.commit"] = commit
+    run = client.create_run(experiment_id, run_name=study.name, tags=tags)
+    run_id = run.info.run_id
+    client.log_param(run_id, "study", study.name)
+    client.log_param(run_id, "trials", len(trials))
+    client.log_param(run_id, "seeds", study.seeds)
+    client.log_param(run_id, "grid", json.dumps(study.grid)[:6000])
+    client.log_artifact(run_id, str(study_yaml))
+    client.log_dict(run_id, [t.to_json() for t in trials], "trials.json")
+    return run_id
+
+
+def end_parent(uri: str, run_id: str, finished: int, failed: int) -> None:
+    client = _client(uri)
+    client.log_metric(run_id, "trials_finished", finished)
+    client.log_metric(run_id, "trials_failed", failed)
+    client.set_terminated(run_id, "FINISHED")
+
+
+def flatten(config: RunConfig) -> dict[str, str]:
+    """``{"model.k": "3", ...}``: the resolved run config as MLflow params."""
+    return {f"{section}.{key}": str(value)
+            for section, fields in config.model_dump(mode="json").items() for key, value in fields.items()}
+
+
+def start_child(uri: str, parent_run_id: str, trial: dict[str, Any], config: RunConfig) -> str:
+    """The child run of a trial; a restarted trial re-attaches to its earlier run."""
+    client = _client(uri)
+    parent = client.get_run(parent_run_id)
+    experiment_id = parent.info.experiment_id
+    earlier = client.search_runs(
+        [experiment_id], filter_string=f"tags.`{PARENT_TAG}` = '{parent_run_id}' "
+                                       f"and tags.`{TRIAL_TAG}` = '{trial['name']}'", max_results=1)
+    if earlier:
+        run_id, tags = earlier[0].info.run_id, earlier[0].data.tags
+        client.update_run(run_id, status="RUNNING")
+        client.set_tag(run_id, "nem_study.restarts", int(tags.get("nem_study.restarts", 0)) + 1)
+        if "failure_reason" in tags:  # a restart that finishes is not a failure; keep why it restarted
+            client.set_tag(run_id, "previous_failure_reason", tags["failure_reason"])
+            client.delete_tag(run_id, "failure_reason")
+        return run_id
+    tags = {PARENT_TAG: parent_run_id, TRIAL_TAG: trial["name"], "nem_study.seed": str(trial["seed"]),
+            "nem_study.cell": json.dumps(trial["cell"])}
+    run = client.create_run(experiment_id, run_name=trial["name"], tags=tags)
+    _log_params(client, run.info.run_id, flatten(config))
+    return run.info.run_id
+
+
+def _log_params(client, run_id: str, params: dict[str, str]) -> None:
+    from mlflow.entities import Param
+
+    items = [Param(k, v) for k, v in params.items()]
+    for lo in range(0, len(items), 100):  # MLflow takes at most 100 params per batch
+        client.log_batch(run_id, params=items[lo:lo + 100])
+
+
+def _metrics(values: dict[str, Any], step: int):
+    """Finite numbers only: MLflow stores floats, and a NaN AMI (no objects) says nothing."""
+    import time
+
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    return [Metric(k, float(v), now, step) for k, v in values.items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)]
+
+
+def log_epoch(uri: str, run_id: str, metrics: dict[str, Any]) -> None:
+    """One epoch's metrics, with ``step`` = the epoch."""
+    _client(uri).log_batch(run_id, metrics=_metrics(metrics, int(metrics["epoch"])))
+
+
+def log_final(uri: str, run_id: str, result: dict[str, Any], checkpoint_dir: Path | None) -> None:
+    """Test metrics, AMI per step (a metric history and a table), the best checkpoint; FINISHED."""
+    client = _client(uri)
+    # Counts that describe the evaluation (n, k, steps) live in test_metrics.json, not as metrics.
+    scalars = {k: v for k, v in result.items() if not isinstance(v, list) and k not in DESCRIPTIVE}
+    client.log_batch(run_id, metrics=_metrics(scalars, int(result.get("epochs", 0))))
+    per_step = result.get("test_ami_per_step", [])
+    steps = [m for t, ami in enumerate(per_step, start=1) for m in _metrics({"test_ami_step": ami}, t)]
+    for lo in range(0, len(steps), 1000):
+        client.log_batch(run_id, metrics=steps[lo:lo + 1000])
+    client.set_tag(run_id, "stop_reason", str(result.get("stop_reason")))
+    table = {"step": list(range(1, len(per_step) + 1)), "test_ami": per_step,
+             "test_bce_bound": result.get("test_bce_per_step", [])}
+    client.log_dict(run_id, table, "ami_per_step.json")
+    client.log_dict(run_id, result, "test_metrics.json")
+    best = checkpoint_dir / "best.pt" if checkpoint_dir else None
+    if best is not None and best.is_file():
+        client.log_artifact(run_id, str(best), artifact_path="checkpoint")
+    client.set_terminated(run_id, "FINISHED")
+
+
+def mark_failed(uri: str, run_id: str, error: BaseException) -> None:
+    """FAILED, with the reason as a tag (the exception still propagates to Ray)."""
+    client = _client(uri)
+    reason = f"{type(error).__name__}: {error}"[:5000]
+    client.set_tag(run_id, "failure_reason", reason)
+    client.set_terminated(run_id, "FAILED")
+
+
+def child_runs(uri: str, parent_run_id: str) -> list[Any]:
+    """All child runs of a study's parent run."""
+    client = _client(uri)
+    parent = client.get_run(parent_run_id)
+    return client.search_runs([parent.info.experiment_id],
+                              filter_string=f"tags.`{PARENT_TAG}` = '{parent_run_id}'", max_results=10_000)

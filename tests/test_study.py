@@ -1,0 +1,215 @@
+"""Studies end to end: real Ray (one CPU), real MLflow on SQLite, tiny static-shapes data."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from nem_study.config import load_study_config
+from nem_study.tracking import child_runs, flatten
+
+ray = pytest.importorskip("ray")
+mlflow = pytest.importorskip("mlflow")
+
+ROOT = Path(__file__).resolve().parents[1]
+STEPS = 3   # EM steps of the tiny static data: the length of the per-step AMI
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    """One Ray instance for the module (starting one costs seconds); one CPU, beside other work."""
+    ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+def study_yaml(tmp_path: Path, grid: str, seeds: int = 2, max_failures: int = 0,
+               uri: str | None = None, max_epochs: int = 2) -> Path:
+    path = tmp_path / "study.yaml"
+    path.write_text(f"""
+name: tiny
+base:
+  data: {{name: static_shapes, train: 32, valid: 16, test: 16}}
+  model: {{em_steps: {STEPS}}}
+  train: {{batch_size: 16, valid_samples: 16, patience: 1000}}
+grid:
+{grid}
+seeds: {seeds}
+stop: {{max_epochs: {max_epochs}}}
+tracking:
+  uri: {uri or f"sqlite:///{tmp_path / 'mlflow.db'}"}
+  artifact_location: {tmp_path / 'mlartifacts'}
+storage: {tmp_path / 'ray_results'}
+max_failures: {max_failures}
+""")
+    return path
+
+
+def cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "nem_study.cli", *args], capture_output=True, text=True, cwd=cwd,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", "NEM_RAY_CPUS": "1"}, timeout=300)
+
+
+def runs_by_name(tmp_path: Path, parent_run_id: str) -> dict[str, object]:
+    return {r.info.run_name: r for r in child_runs(f"sqlite:///{tmp_path / 'mlflow.db'}", parent_run_id)}
+
+
+def test_a_nonfinite_trial_fails_with_its_reason_and_the_others_finish(tmp_path):
+    """Through the CLI. w_inter = 1e38 overflows the inter-cluster loss (float32) to inf at once.
+
+    Runs before the module's Ray instance starts: the CLI starts its own local Ray.
+    """
+    path = study_yaml(tmp_path, "  model.w_inter: [1.0, 1.0e38]", seeds=1, max_failures=1)
+    r = cli("run", str(path), cwd=tmp_path)
+    assert r.returncode == 1, (r.returncode, r.stderr[-3000:])
+    assert "1 trial(s) finished, 1 failed" in r.stdout
+    assert "failed  w_inter=1e+38,seed=0: " in r.stdout and "non-finite loss" in r.stdout
+    assert "best test AMI" in r.stdout and "w_inter=1.0" in r.stdout
+    parent_run_id = json.loads(r.stdout.strip().splitlines()[-1])["parent_run_id"]
+
+    children = runs_by_name(tmp_path, parent_run_id)
+    assert sorted(children) == ["w_inter=1.0,seed=0", "w_inter=1e+38,seed=0"]   # the restart re-attached
+    good, bad = children["w_inter=1.0,seed=0"], children["w_inter=1e+38,seed=0"]
+    assert good.info.status == "FINISHED" and "test_ami" in good.data.metrics
+    assert bad.info.status == "FAILED"
+    assert bad.data.tags["failure_reason"].startswith("NonFiniteLoss: non-finite loss (inf) at epoch 1, batch 1")
+    assert bad.data.tags["nem_study.restarts"] == "1" and "previous_failure_reason" in bad.data.tags
+    assert "test_ami" not in bad.data.metrics
+
+
+def test_four_trials_are_four_child_runs_under_one_parent(tmp_path, local_ray):
+    from nem_study.study import run_study
+
+    path = study_yaml(tmp_path, "  model.k: [2, 3]")
+    study = load_study_config(path)
+    result = run_study(study, path, verbose=0)
+    names = ["k=2,seed=0", "k=2,seed=1", "k=3,seed=0", "k=3,seed=1"]
+    assert sorted(result.finished) == names and not result.failed
+    assert set(result.best_test_ami) == {'{"model.k": 2}', '{"model.k": 3}'}
+
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("tiny")
+    parents = [r for r in client.search_runs([experiment.experiment_id])
+               if "mlflow.parentRunId" not in r.data.tags]
+    assert [p.info.run_id for p in parents] == [result.parent_run_id]
+    parent = parents[0]
+    assert parent.info.status == "FINISHED" and parent.data.params["study"] == "tiny"
+    assert parent.data.tags["nem_study.version"]
+    assert {a.path for a in client.list_artifacts(parent.info.run_id)} == {"study.yaml", "trials.json"}
+    trials = json.loads(Path(client.download_artifacts(parent.info.run_id, "trials.json", str(tmp_path))).read_text())
+    assert [t["name"] for t in trials] == names
+
+    children = runs_by_name(tmp_path, result.parent_run_id)
+    assert sorted(children) == names
+    for trial in trials:
+        run = children[trial["name"]]
+        run_id = run.info.run_id
+        assert run.info.status == "FINISHED"
+        assert run.data.tags["mlflow.parentRunId"] == result.parent_run_id
+        # The params are the resolved config the trial ran (its own checkpoint folder aside).
+        expected = flatten(load_study_config(path).run_config(trial["cell"], trial["seed"]))
+        params = dict(run.data.params)
+        assert Path(params.pop("train.checkpoint_dir")).parts[-2].startswith(f"{trial['index']:03d}_")
+        expected.pop("train.checkpoint_dir")
+        assert expected.pop("train.threads") == "None" and params.pop("train.threads") == "1"  # resources.cpu
+        assert params == expected
+        assert params["model.k"] == str(trial["cell"]["model.k"]) and params["train.seed"] == str(trial["seed"])
+        for metric in ("train_loss", "valid_loss", "valid_ami"):
+            assert [m.step for m in client.get_metric_history(run_id, metric)] == [1, 2], metric
+        for metric in ("test_loss", "test_ami", "test_ami_last", "test_bce_bound"):
+            assert metric in run.data.metrics, metric
+        per_step = client.get_metric_history(run_id, "test_ami_step")
+        assert sorted(m.step for m in per_step) == list(range(1, STEPS + 1))
+        artifacts = {a.path for a in client.list_artifacts(run_id)}
+        assert {"ami_per_step.json", "test_metrics.json", "checkpoint"} <= artifacts
+        assert [a.path for a in client.list_artifacts(run_id, "checkpoint")] == ["checkpoint/best.pt"]
+        table = json.loads(Path(client.download_artifacts(run_id, "ami_per_step.json", str(tmp_path / run_id)))
+                           .read_text())
+        assert table["step"] == list(range(1, STEPS + 1))
+        assert table["test_ami"] == pytest.approx([m.value for m in sorted(per_step, key=lambda m: m.step)])
+    # Each Tune trial folder holds Tune's checkpoint copies, each with last.pt to resume from.
+    folders = sorted((tmp_path / "ray_results" / "tiny").glob("0*"))
+    assert len(folders) == 4
+    for folder in folders:
+        assert (folder / "checkpoints" / "best.pt").is_file()
+        assert any((c / "last.pt").is_file() for c in folder.glob("checkpoint_*"))
+
+
+def test_a_killed_trial_restarts_from_its_last_checkpoint(tmp_path, local_ray):
+    """Kill the trial's worker process after a few epochs: Tune restarts it, fit resumes."""
+    from nem_study.study import run_study
+
+    epochs = 30
+    path = study_yaml(tmp_path, "  model.k: [2]", seeds=1, max_failures=1, max_epochs=epochs)
+    results = tmp_path / "ray_results" / "tiny"
+    killed = []
+
+    def kill_after_third_epoch():
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and not killed:
+            for result_file in results.glob("000_*/result.json"):
+                lines = result_file.read_text().splitlines()
+                if len(lines) >= 3 and list(result_file.parent.glob("checkpoint_*")):
+                    pid = json.loads(lines[-1])["pid"]
+                    os.kill(pid, signal.SIGKILL)   # the Ray worker this test's study started
+                    killed.append(json.loads(lines[-1])["epoch"])
+                    return
+            time.sleep(0.02)
+
+    watcher = threading.Thread(target=kill_after_third_epoch, daemon=True)
+    watcher.start()
+    result = run_study(load_study_config(path), path, verbose=0)
+    watcher.join()
+    assert killed, "the trial finished before it could be killed"
+    assert result.finished == ["k=2,seed=0"] and not result.failed
+
+    reported = [json.loads(line)["epoch"] for line in next(results.glob("000_*/result.json")).read_text()
+                .splitlines()]
+    assert reported.count(1) == 1 and sorted(set(reported)) == list(range(1, epochs + 1)), reported
+    run = runs_by_name(tmp_path, result.parent_run_id)["k=2,seed=0"]
+    assert run.info.status == "FINISHED" and run.data.tags["nem_study.restarts"] == "1"
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    assert {m.step for m in client.get_metric_history(run.info.run_id, "valid_loss")} == set(range(1, epochs + 1))
+
+
+def test_unreachable_tracking_store_is_a_clear_error_before_any_trial(tmp_path):
+    path = study_yaml(tmp_path, "  model.k: [2]", uri="http://127.0.0.1:9")
+    r = cli("run", str(path), cwd=tmp_path)
+    assert r.returncode == 2, (r.returncode, r.stderr[-2000:])
+    assert "Traceback" not in r.stderr
+    assert "tracking.uri http://127.0.0.1:9: the MLflow server is not reachable" in r.stderr
+    assert not (tmp_path / "ray_results").exists()   # no trial started
+    missing = study_yaml(tmp_path, "  model.k: [2]", uri=f"sqlite:///{tmp_path / 'no' / 'such' / 'mlflow.db'}")
+    r = cli("run", str(missing), cwd=tmp_path)
+    assert r.returncode == 2 and "does not exist" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_dry_run_prints_the_trials_and_starts_nothing(tmp_path):
+    path = study_yaml(tmp_path, "  model.k: [2, 3]")
+    r = cli("run", str(path), "--dry-run", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "4 trial(s) (2 grid cell(s) x 2 seed(s))" in r.stdout and "k=3,seed=1" in r.stdout
+    assert not (tmp_path / "ray_results").exists() and not (tmp_path / "mlflow.db").exists()
+
+
+def test_restore_puts_the_checkpoint_back_for_resume(tmp_path):
+    from ray import tune
+
+    from nem_study.study import _restore
+
+    saved = tmp_path / "saved"
+    saved.mkdir()
+    (saved / "last.pt").write_bytes(b"last")
+    (saved / "best.pt").write_bytes(b"best")
+    target = tmp_path / "trial" / "checkpoints"
+    assert _restore(None, target) is None
+    assert _restore(tune.Checkpoint.from_directory(str(saved)), target) == target / "last.pt"
+    assert (target / "last.pt").read_bytes() == b"last" and (target / "best.pt").read_bytes() == b"best"

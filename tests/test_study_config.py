@@ -1,0 +1,166 @@
+"""Study files: the schema, the expansion into trials, and every problem reported at once."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from pydantic import ValidationError
+
+from nem_study.config import InputError, RunConfig, StudyConfig, expand_trials, load_study_config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+VALID = """
+name: small
+base:
+  data: {name: static_shapes, train: 64, valid: 16, test: 16, seed: 7}
+  model: {em_steps: 3}
+  train: {batch_size: 16, seed: 10}
+grid:
+  model.k: [2, 3]
+  data.objects: [2, 3]
+seeds: 2
+stop: {max_epochs: 4, time_budget_s: 60}
+"""
+
+
+def cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "nem_study.cli", *args], capture_output=True, text=True,
+                          cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+
+
+def write(tmp_path: Path, text: str) -> str:
+    path = tmp_path / "study.yaml"
+    path.write_text(text)
+    return str(path)
+
+
+def test_grid_times_seeds_expands_to_resolved_trials(tmp_path):
+    study = load_study_config(write(tmp_path, VALID))
+    assert isinstance(study.base, RunConfig)
+    trials = expand_trials(study)
+    assert [t.name for t in trials] == [
+        f"k={k},objects={o},seed={s}" for k in (2, 3) for o in (2, 3) for s in (10, 11)]
+    assert [t.index for t in trials] == list(range(8))
+    for t in trials:
+        c = t.config
+        assert (c.model.k, c.data.objects) == (t.cell["model.k"], t.cell["data.objects"])
+        assert c.train.seed == t.seed
+        assert c.data.seed == 7                        # seeds share the data
+        assert (c.train.max_epochs, c.train.time_budget_s) == (4, 60)   # stop applies to every trial
+        assert (c.model.em_steps, c.model.network, c.train.batch_size) == (3, "static_fc", 16)
+    assert len({t.name for t in trials}) == 8
+
+
+def test_grid_values_are_resolved_with_their_own_defaults(tmp_path):
+    """A grid over data.name gets each data set's defaults, not the base's resolved ones."""
+    study = load_study_config(write(tmp_path, "name: sets\ngrid:\n  data.name: [static_shapes, flying_mnist]\n"))
+    static, mnist = (t.config for t in expand_trials(study))
+    assert (static.model.network, static.data.frames, static.noise.prob) == ("static_fc", 1, 0.1)
+    assert (mnist.model.network, mnist.model.pixel, mnist.train.lr) == ("flying_mnist_conv", "gaussian", 5e-4)
+    assert [t.name for t in expand_trials(study)] == ["name=static_shapes,seed=0", "name=flying_mnist,seed=0"]
+
+
+def test_no_grid_is_one_trial_per_seed(tmp_path):
+    trials = expand_trials(load_study_config(write(tmp_path, "name: one\nseeds: 3\n")))
+    assert [t.name for t in trials] == ["seed=0", "seed=1", "seed=2"]
+
+
+def test_same_field_name_in_two_sections_uses_dotted_keys(tmp_path):
+    study = load_study_config(write(tmp_path, "name: kinds\ngrid:\n  model.kind: [rnn_em]\n"
+                                              "  noise.kind: [bitflip, none]\n"))
+    assert [t.name for t in expand_trials(study)] == [
+        "model.kind=rnn_em,noise.kind=bitflip,seed=0", "model.kind=rnn_em,noise.kind=none,seed=0"]
+
+
+@pytest.mark.parametrize("text,needle", [
+    ("name: s\ngrid:\n  model.k: [2, 0]\n", "grid.model.k[1]: Input should be greater than or equal to 1 (got 0)"),
+    ("name: s\ngrid:\n  model.kk: [2]\n", "grid.model.kk: not a run-config key"),
+    ("name: s\ngrid:\n  k: [2]\n", "grid.k: not a run-config key"),
+    ("name: s\ngrid:\n  train.seed: [1, 2]\n", "grid.train.seed: not allowed in a grid: set by `seeds`"),
+    ("name: s\ngrid:\n  noise.prob: []\n", "grid.noise.prob: expected a non-empty list"),
+    ("name: s\ngrid:\n  noise.prob: 0.1\n", "grid.noise.prob: Input should be a valid list"),
+    ("name: s\ngrid:\n  data.name: [flying_cats]\n", "grid.data.name[0]: Input should be"),
+    ("name: s\nbase:\n  data: {name: static_shapes}\ngrid:\n  data.frames: [1, 5]\n",
+     "grid.data.frames[1]: Value error, static_shapes has frames = 1 (got 5)"),
+    ("name: s\nbase:\n  data: {name: flying_shapes}\ngrid:\n  data.name: [static_shapes]\n  data.frames: [3]\n",
+     "grid: the cell name=static_shapes,frames=3 gives data: Value error, static_shapes has frames = 1"),
+    ("name: s\nbase:\n  model: {kk: 1}\n", "base.model.kk: unknown key"),
+    ("name: s\nseeds: 0\n", "seeds: Input should be greater than or equal to 1"),
+    ("name: s\nresources: {cpu: 0}\n", "resources.cpu: Input should be greater than 0"),
+    ("name: s\nresources: {gpu: -0.5}\n", "resources.gpu: Input should be greater than or equal to 0"),
+    ("name: s\nstop: {max_epochs: 0}\n", "stop.max_epochs: Input should be greater than or equal to 1"),
+    ("name: s\ntracking: {url: x}\n", "tracking.url: unknown key"),
+    ("name: s\nmax_failures: -1\n", "max_failures: Input should be greater than or equal to 0"),
+    ("name: s\nsearch: {n_trials: 3}\n", "search: unknown key"),
+    ("grid: {}\n", "name: Field required"),
+    ("name: a b\n", "name: String should match pattern"),
+])
+def test_each_problem_names_its_yaml_path(tmp_path, text, needle):
+    with pytest.raises(InputError) as err:
+        load_study_config(write(tmp_path, text))
+    assert needle in str(err.value), str(err.value)
+
+
+BROKEN = """
+name: broken
+base:
+  model: {k: 0}
+grid:
+  model.k: [2, -1, three]
+  model.nope: [1]
+  noise.prob: [0.1, 2.0]
+seeds: 0
+resources: {cpu: 1, tpu: 1}
+"""
+
+
+def test_all_problems_are_reported_at_once(tmp_path):
+    with pytest.raises(InputError) as err:
+        load_study_config(write(tmp_path, BROKEN))
+    text = str(err.value)
+    expected = ["base.model.k: Input should be greater than or equal to 1", "seeds:", "resources.tpu: unknown key",
+                "grid.model.k[1]:", "grid.model.k[2]:", "grid.model.nope:", "grid.noise.prob[1]:"]
+    for needle in expected:
+        assert needle in text, (needle, text)
+    assert text.splitlines()[0].endswith(f"{len(expected)} problem(s)"), text
+    assert "grid.model.k[0]" not in text   # k=2 is fine; the base's own k=0 is not blamed on it
+
+
+def test_the_schema_is_the_same_without_yaml():
+    with pytest.raises(ValidationError) as err:
+        StudyConfig.model_validate({"name": "s", "grid": {"model.k": [3, 0]}})
+    assert [e["loc"] for e in err.value.errors()] == [("grid", "model.k[1]")]
+    study = StudyConfig(name="s", base=RunConfig.model_validate({"model": {"k": 4}}), seeds=2)
+    assert [t.config.model.k for t in expand_trials(study)] == [4, 4]
+
+
+def test_validate_prints_the_trials(tmp_path):
+    r = cli("validate", write(tmp_path, VALID))
+    assert r.returncode == 0, r.stderr
+    assert "8 trial(s) (4 grid cell(s) x 2 seed(s))" in r.stdout
+    assert "k=3,objects=3,seed=11" in r.stdout
+
+
+def test_validate_exits_2_with_every_problem_and_no_traceback(tmp_path):
+    r = cli("validate", write(tmp_path, BROKEN))
+    assert r.returncode == 2, (r.returncode, r.stderr)
+    assert "Traceback" not in r.stderr
+    assert "7 problem(s)" in r.stderr and "grid.model.k[2]" in r.stderr and "grid.noise.prob[1]" in r.stderr
+    r = cli("validate", str(tmp_path / "missing.yaml"))
+    assert r.returncode == 2 and "no such file" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_shipped_studies_are_valid():
+    for path in sorted((ROOT / "studies").glob("*.yaml")):
+        assert expand_trials(load_study_config(path)), path
+
+
+@pytest.mark.parametrize("command", ["validate", "run"])
+def test_study_commands_have_help(command):
+    r = cli(command, "--help")
+    assert r.returncode == 0 and f"usage: nem-study {command}" in r.stdout
