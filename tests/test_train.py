@@ -27,7 +27,7 @@ def test_learning_lifts_test_ami_on_small_flying_shapes(tmp_path):
     """A short CPU run on small flying shapes: test AMI rises clearly above initialisation.
 
     The paper's network and K = 3 on 3 objects, 6 steps, 256 Adam steps of 16 sequences: about
-    two and a half minutes on one core. Measured here: 0.027 before, 0.102 after.
+    a minute and a half on one core.
     """
     cfg = RunConfig(
         data={"name": "flying_shapes", "frames": 7, "train": 2048, "valid": 128, "test": 128},
