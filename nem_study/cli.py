@@ -19,6 +19,7 @@ EXAMPLES = """examples:
   nem-study data show flying_shapes --out strip.png
   nem-study validate studies/quickstart.yaml
   nem-study run studies/quickstart.yaml
+  nem-study resume studies/quickstart.yaml
 """
 
 
@@ -95,6 +96,16 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--num-cpus", type=int, metavar="N",
                    help="CPUs of the local Ray (default: $NEM_RAY_CPUS, else all)")
     r.add_argument("--dry-run", action="store_true", help="print the trials and exit")
+
+    s = sub.add_parser("resume", help="continue a study whose driver was interrupted",
+                       description="Continue an interrupted `nem-study run` from its Ray Tune state in the "
+                       "study's storage folder: finished trials stay, the others go on from their last "
+                       "checkpoint, each in its own MLflow child run, under the study's latest parent run.")
+    s.add_argument("study", help="the study YAML it was started with")
+    s.add_argument("--address", metavar="auto|HOST:PORT",
+                   help="an existing Ray cluster (default: start a local Ray)")
+    s.add_argument("--num-cpus", type=int, metavar="N",
+                   help="CPUs of the local Ray (default: $NEM_RAY_CPUS, else all)")
     return p
 
 
@@ -156,15 +167,23 @@ def cmd_data(args: argparse.Namespace) -> int:
 
 
 def print_trials(study_path: str, study, trials) -> None:
-    print(f"{study_path}: study {study.name!r}, {len(trials)} trial(s) "
-          f"({len(trials) // study.seeds} grid cell(s) x {study.seeds} seed(s))")
+    from nem_study.config import cell_name
+
+    if study.search is None:
+        print(f"{study_path}: study {study.name!r}, {len(trials)} trial(s) "
+              f"({len(trials) // study.seeds} grid cell(s) x {study.seeds} seed(s))")
+    else:
+        n = study.search.n_trials
+        print(f"{study_path}: study {study.name!r}, {len(trials) * n} trial(s) ({len(trials)} grid cell(s) "
+              f"x {n} sampled trial(s)); Optuna TPE over {', '.join(study.search.space)}, "
+              f"{study.search.metric} ({study.search.mode}), seed {study.search.seed}")
     d = trials[0].config.data if trials else None
     if d is not None:
         print(f"  {d.name}, {d.train}/{d.valid}/{d.test} sequences, {d.frames} frame(s), "
               f"max {trials[0].config.train.max_epochs} epochs; {study.resources.cpu:g} CPU, "
               f"{study.resources.gpu:g} GPU per trial")
     for t in trials:
-        print(f"  {t.index:>4}  {t.name}")
+        print(f"  {t.index:>4}  {t.name if study.search is None else cell_name(t.cell) or '(no grid)'}")
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
@@ -176,16 +195,18 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    """``run`` and ``resume``."""
     from nem_study.config import cell_name, expand_trials, load_study_config
 
     study = load_study_config(args.study)
     trials = expand_trials(study)
     print_trials(args.study, study, trials)
-    if args.dry_run:
+    if getattr(args, "dry_run", False):
         return 0
     from nem_study.study import run_study
 
-    result = run_study(study, args.study, address=args.address, num_cpus=args.num_cpus)
+    result = run_study(study, args.study, address=args.address, num_cpus=args.num_cpus,
+                       resume=args.command == "resume")
     print(f"\nstudy {study.name!r}: {len(result.finished)} trial(s) finished, {len(result.failed)} failed "
           f"(MLflow parent run {result.parent_run_id}, {study.tracking.uri}, experiment {study.experiment!r})")
     for name, error in result.failed.items():
@@ -202,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
 
     args = build_parser().parse_args(argv)
     handler = {"train": cmd_train, "evaluate": cmd_evaluate, "data": cmd_data, "validate": cmd_validate,
-               "run": cmd_run}[args.command]
+               "run": cmd_run, "resume": cmd_run}[args.command]
     try:
         return handler(args)
     except InputError as e:

@@ -258,8 +258,55 @@ class TrackingConfig(Strict):
                                    description="where a new experiment stores artifacts")
 
 
+class SpaceConfig(Strict):
+    """One searched key: a range ``{low, high, log}`` or ``{choices: [...]}``.
+
+    A range with whole-number ends samples integers, both ends included (``model.k``).
+    """
+
+    low: int | float | None = None
+    high: int | float | None = None
+    log: bool = Field(False, description="sample a range on a log scale (needs low > 0)")
+    choices: list[Any] | None = Field(None, min_length=1)
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> SpaceConfig:
+        if self.choices is not None:
+            if self.low is not None or self.high is not None or self.log:
+                raise ValueError("either choices or low/high/log, not both")
+            return self
+        if self.low is None or self.high is None:
+            raise ValueError("expected low and high (and optionally log), or choices")
+        if not self.low < self.high:
+            raise ValueError("low must be below high")
+        if self.log and self.low <= 0:
+            raise ValueError("a log range needs low > 0")
+        return self
+
+    @property
+    def integer(self) -> bool:
+        return isinstance(self.low, int) and isinstance(self.high, int)
+
+
+class SearchConfig(Strict):
+    """Optuna TPE over ``space``: ``n_trials`` sampled configs per grid cell, each trained once."""
+
+    n_trials: int = Field(ge=1, description="sampled trials per grid cell")
+    seed: int = Field(0, ge=0, description="seed of the sampler: the same seed samples the same values")
+    metric: Literal["valid_loss", "valid_ami"] = Field(
+        "valid_loss", description="what TPE optimises (last reported epoch): loss minimised, AMI maximised")
+    space: dict[str, SpaceConfig] = Field(min_length=1)
+
+    @property
+    def mode(self) -> Literal["min", "max"]:
+        return "min" if self.metric == "valid_loss" else "max"
+
+
 class StudyConfig(Strict):
     """A study: the cartesian product of ``grid`` over ``base``, times ``seeds``.
+
+    With ``search``, each grid cell instead gets ``search.n_trials`` configs sampled from
+    ``search.space`` (Optuna TPE), each trained once with the base seed.
 
     Every grid key is a dotted run-config key (``model.k``) and every value must give a valid
     run config; problems are reported all at once, located in the YAML (``grid.model.k[1]``).
@@ -274,6 +321,7 @@ class StudyConfig(Strict):
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     storage: str = Field("./ray_results", min_length=1, description="Ray Tune results and checkpoints")
     max_failures: int = Field(2, ge=0, description="restarts of a failed trial (from its last checkpoint)")
+    search: SearchConfig | None = Field(None, description="Optuna search within each grid cell")
 
     # The base as written: grid values are applied to it before defaults are resolved, so a
     # grid over data.name still gets each data set's own defaults.
@@ -295,6 +343,12 @@ class StudyConfig(Strict):
         grid = data.get("grid")
         if isinstance(base_raw, dict) and isinstance(grid, dict):
             problems += _grid_problems(base_raw, grid)
+        search = data.get("search")
+        if isinstance(base_raw, dict) and isinstance(search, dict) and isinstance(search.get("space"), dict):
+            problems += _space_problems(base_raw, search["space"], grid if isinstance(grid, dict) else {})
+        if study is not None and study.search is not None and study.seeds > 1:
+            problems.append(_detail(("seeds",), "seeds", "with `search`, each sampled config is trained once "
+                                    "(base.train.seed); use seeds: 1", study.seeds))
         if not problems:
             study._base_raw = copy.deepcopy(base_raw)
             problems += _combination_problems(study)
@@ -334,42 +388,73 @@ def _with_values(raw: dict[str, Any], values: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _errors(raw: dict[str, Any]) -> list[tuple[tuple, str, str, Any]]:
+    """The run config's validation errors as (loc, type, msg, input)."""
+    try:
+        RunConfig.model_validate(raw)
+    except ValidationError as e:
+        return [(tuple(err["loc"]), err["type"], err["msg"], err.get("input")) for err in e.errors()]
+    except Exception as e:  # a value of the wrong shape (e.g. a list where a section goes)
+        return [((), "value_error", str(e), None)]
+    return []
+
+
+def _key_problem(loc: tuple, key: Any, where: str) -> InitErrorDetails | None:
+    """A grid or search key must be a real run-config field that the study does not set itself."""
+    parts = str(key).split(".")
+    sections = RunConfig.model_fields
+    if len(parts) != 2 or parts[0] not in sections or \
+            parts[1] not in sections[parts[0]].annotation.model_fields:
+        return _detail(loc, "grid_key", "not a run-config key (expected SECTION.FIELD, e.g. model.k, "
+                       "data.objects, noise.prob, train.lr)", key)
+    if key in STUDY_OWNED_KEYS:
+        return _detail(loc, "grid_key", f"not allowed in {where}: {STUDY_OWNED_KEYS[key]}", key)
+    return None
+
+
+def _space_problems(base_raw: dict[str, Any], space: dict[str, Any], grid: dict[str, Any]) -> list[InitErrorDetails]:
+    """Search keys like grid keys; each end of a range and each choice must give a valid run config."""
+    base_errors = set((loc, msg) for loc, _, msg, _ in _errors(base_raw))
+    problems = []
+    for key, spec in space.items():
+        loc = ("search", "space", str(key))
+        if (problem := _key_problem(loc, key, "a search space")) is not None:
+            problems.append(problem)
+            continue
+        if key in grid:
+            problems.append(_detail(loc, "grid_key", "already a grid key; a key is either searched or gridded", key))
+            continue
+        if not isinstance(spec, dict):
+            continue  # the schema reports the shape
+        values = [(f"{key}.{end}", spec[end]) for end in ("low", "high") if end in spec]
+        if isinstance(spec.get("choices"), list):
+            values = [(f"{key}.choices[{i}]", v) for i, v in enumerate(spec["choices"])]
+        for where, value in values:
+            for err_loc, kind, msg, _ in _errors(_with_values(base_raw, {key: value})):
+                if err_loc == tuple(key.split(".")) or (err_loc, msg) not in base_errors:
+                    problems.append(_detail(("search", "space", where), kind, msg, value))
+    return problems
+
+
 def _grid_problems(base_raw: dict[str, Any], grid: dict[str, Any]) -> list[InitErrorDetails]:
     """Every problem of the grid: unknown keys, empty lists, values that break the run config.
 
     A value is blamed for errors at its own key, and for errors elsewhere that the base alone
     does not have: a broken base is reported once (under ``base``), not under every value.
     """
-    def errors(raw: dict[str, Any]) -> list[tuple[tuple, str, str, Any]]:
-        try:
-            RunConfig.model_validate(raw)
-        except ValidationError as e:
-            return [(tuple(err["loc"]), err["type"], err["msg"], err.get("input")) for err in e.errors()]
-        except Exception as e:  # a value of the wrong shape (e.g. a list where a section goes)
-            return [((), "value_error", str(e), None)]
-        return []
-
-    base_errors = set((loc, msg) for loc, _, msg, _ in errors(base_raw))
+    base_errors = set((loc, msg) for loc, _, msg, _ in _errors(base_raw))
     problems = []
-    sections = RunConfig.model_fields
     for key, values in grid.items():
         parts = str(key).split(".")
-        if len(parts) != 2 or parts[0] not in sections or \
-                parts[1] not in sections[parts[0]].annotation.model_fields:
-            problems.append(_detail(("grid", str(key)), "grid_key",
-                                    "not a run-config key (expected SECTION.FIELD, e.g. model.k, "
-                                    "data.objects, noise.prob, train.lr)", key))
-            continue
-        if key in STUDY_OWNED_KEYS:
-            problems.append(_detail(("grid", key), "grid_key", f"not allowed in a grid: {STUDY_OWNED_KEYS[key]}",
-                                    key))
+        if (problem := _key_problem(("grid", str(key)), key, "a grid")) is not None:
+            problems.append(problem)
             continue
         if not isinstance(values, list) or not values:
             problems.append(_detail(("grid", key), "grid_values", "expected a non-empty list of values",
                                     values))
             continue
         for i, value in enumerate(values):
-            for loc, kind, msg, _ in errors(_with_values(base_raw, {key: value})):
+            for loc, kind, msg, _ in _errors(_with_values(base_raw, {key: value})):
                 if loc == tuple(parts) or (loc, msg) not in base_errors:
                     problems.append(_detail(("grid", f"{key}[{i}]"), kind, msg, value))
     return problems
@@ -427,6 +512,11 @@ def expand_trials(study: StudyConfig) -> list[TrialSpec]:
             name = ",".join(filter(None, [cell_name(typed), f"seed={config.train.seed}"]))
             trials.append(TrialSpec(len(trials), name, typed, config.train.seed, config))
     return trials
+
+
+def sampled_name(trial: TrialSpec, sample: int) -> str:
+    """The name of the ``sample``-th config sampled in the grid cell of ``trial``: ``k=3,sample=0``."""
+    return ",".join(filter(None, [cell_name(trial.cell), f"sample={sample}"]))
 
 
 def load_study_config(path: str | Path) -> StudyConfig:

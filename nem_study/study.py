@@ -1,7 +1,9 @@
 """A study on Ray Tune: every trial of ``expand_trials`` runs ``fit`` once, tracked in MLflow.
 
 The driver (``run_study``) checks the tracking store, opens the study's parent run, and hands
-Ray Tune a grid over trial indices, so one Tune trial is exactly one ``TrialSpec``. Each trial
+Ray Tune a grid over trial indices, so one Tune trial is exactly one ``TrialSpec``; with a
+``search``, one Tune experiment per grid cell samples ``n_trials`` configs with Optuna. After the
+driver died, ``run_study(resume=True)`` restores the Tune experiments from storage. Each trial
 (``run_trial``, a plain function) trains in its Tune trial folder, reports every epoch with
 its checkpoint folder, and on a restart after a failure resumes from the last checkpoint.
 All Ray code lives here, all MLflow code in ``nem_study.tracking``.
@@ -17,7 +19,8 @@ from pathlib import Path
 from typing import Any
 
 from nem_study import tracking
-from nem_study.config import InputError, RunConfig, StudyConfig, TrialSpec, expand_trials
+from nem_study.config import (InputError, RunConfig, SpaceConfig, StudyConfig, TrialSpec, expand_trials,
+                              sampled_name)
 
 CHECKPOINTS_KEPT = 2          # Tune's copies per trial; each holds last.pt (resume) and best.pt
 CPUS_ENV = "NEM_RAY_CPUS"     # CPUs of a local Ray instance (default: all of this machine)
@@ -35,9 +38,13 @@ class StudyResult:
 # One trial, in a Ray worker
 
 
-def run_trial(config: dict[str, Any], *, trials: list[dict[str, Any]], tracking_uri: str,
+def run_trial(config: dict[str, Any], *, trials: list[dict[str, Any]], study: StudyConfig, tracking_uri: str,
               parent_run_id: str, data_dir: str, threads: int) -> None:
-    """Train one trial; every epoch goes to Tune (with its checkpoint) and to MLflow."""
+    """Train one trial; every epoch goes to Tune (with its checkpoint) and to MLflow.
+
+    ``config["trial"]`` is the index of a TrialSpec; with a search, ``config["space"]`` holds
+    the values sampled for this trial, set over the TrialSpec's grid cell.
+    """
     from ray import tune
 
     from nem_study import data
@@ -45,14 +52,23 @@ def run_trial(config: dict[str, Any], *, trials: list[dict[str, Any]], tracking_
 
     trial = trials[config["trial"]]
     os.environ["NEM_DATA_DIR"] = data_dir  # the cache the driver sees, whatever the worker's env
-    cfg = RunConfig.model_validate(trial["config"])
+    sampled = config.get("space") or {}
+    if sampled:
+        cfg = study.run_config({**trial["cell"], **sampled}, trial["seed"])
+        trial = {**trial, "name": tune.get_context().get_trial_name(), "sampled": sampled}
+    else:
+        cfg = RunConfig.model_validate(trial["config"])
     checkpoint_dir = Path(tune.get_context().get_trial_dir()) / "checkpoints"
     cfg.train.checkpoint_dir = str(checkpoint_dir)
     cfg.train.threads = cfg.train.threads or threads
     run_id = tracking.start_child(tracking_uri, parent_run_id, trial, cfg)
+    # After a restart or a resumed study, epochs between the last checkpoint and the crash run
+    # again; MLflow keeps their first values, so each epoch is in the history once.
+    logged = tracking.logged_epochs(tracking_uri, run_id)
 
     def report(metrics: dict[str, Any], ckpt_dir: Path | None) -> None:
-        tracking.log_epoch(tracking_uri, run_id, metrics)
+        if int(metrics["epoch"]) not in logged:
+            tracking.log_epoch(tracking_uri, run_id, metrics)
         checkpoint = tune.Checkpoint.from_directory(str(ckpt_dir)) if ckpt_dir else None
         tune.report(metrics, checkpoint=checkpoint)
 
@@ -83,7 +99,7 @@ def _restore(checkpoint: Any, checkpoint_dir: Path) -> Path | None:
 
 
 def trial_dirname(trial: TrialSpec) -> str:
-    return f"{trial.index:03d}_" + re.sub(r"[^A-Za-z0-9_.=,-]", "_", trial.name)[:100]
+    return f"{trial.index:03d}_" + _safe(trial.name)
 
 
 def _start_ray(address: str | None, num_cpus: int | None) -> None:
@@ -103,51 +119,139 @@ def _start_ray(address: str | None, num_cpus: int | None) -> None:
     ray.init(num_cpus=num_cpus, include_dashboard=False)
 
 
-def _tune(study: StudyConfig, trials: list[TrialSpec], uri: str, parent_run_id: str, verbose: int):
-    """One Tune trial per TrialSpec: a grid over trial indices, named after the specs."""
+@dataclass
+class _Experiment:
+    """One Tune experiment (one Tuner, one folder under ``storage``) and how to name its trials."""
+
+    name: str
+    param_space: dict[str, Any]
+    trial_name: Any                 # Tune trial -> trial name
+    trial_dirname: Any              # Tune trial -> folder name
+    search_alg: Any = None
+    num_samples: int = 1
+
+
+def _experiments(study: StudyConfig, trials: list[TrialSpec]) -> list[_Experiment]:
+    """A grid: one experiment over all trial indices. A search: one experiment per grid cell.
+
+    Optuna samples within one Tune experiment but cannot take a ``grid_search``, so the grid
+    cells run one after another, each with its own sampler seeded by ``search.seed``.
+    """
+    from ray import tune
+
+    if study.search is None:
+        return [_Experiment(
+            study.name, {"trial": tune.grid_search([t.index for t in trials])},
+            lambda t: trials[t.config["trial"]].name, lambda t: trial_dirname(trials[t.config["trial"]]))]
+
+    from ray.tune.search.optuna import OptunaSearch
+
+    search = study.search
+    space = {key: _tune_domain(spec) for key, spec in search.space.items()}
+
+    def sample(t) -> int:  # the search's trial counter (1, 2, ...; kept on resume) starts the tag
+        return int(t.experiment_tag.split("_", 1)[0]) - 1
+
+    return [_Experiment(
+        f"{study.name}-cell{trial.index:03d}", {"trial": trial.index, "space": space},
+        lambda t, trial=trial: sampled_name(trial, sample(t)),
+        lambda t, trial=trial: f"{sample(t):03d}_" + _safe(sampled_name(trial, sample(t))),
+        OptunaSearch(metric=search.metric, mode=search.mode, seed=search.seed), search.n_trials)
+        for trial in trials]
+
+
+def _tune_domain(spec: SpaceConfig) -> Any:
+    from ray import tune
+
+    if spec.choices is not None:
+        return tune.choice(spec.choices)
+    if spec.integer:  # Tune's integer ranges exclude the upper end; ours include it
+        return (tune.lograndint if spec.log else tune.randint)(spec.low, spec.high + 1)
+    return (tune.loguniform if spec.log else tune.uniform)(spec.low, spec.high)
+
+
+def _tuner(study: StudyConfig, trials: list[TrialSpec], experiment: _Experiment, uri: str, parent_run_id: str,
+           verbose: int, resume: bool):
+    """A new Tuner for ``experiment``, or with ``resume`` the interrupted one restored from storage."""
     from ray import tune
 
     from nem_study import data
 
     trainable = tune.with_parameters(
-        run_trial, trials=[t.to_json() for t in trials], tracking_uri=uri, parent_run_id=parent_run_id,
-        data_dir=str(data.data_dir().resolve()), threads=max(1, int(study.resources.cpu)))
+        run_trial, trials=[t.to_json() for t in trials], study=study, tracking_uri=uri,
+        parent_run_id=parent_run_id, data_dir=str(data.data_dir().resolve()),
+        threads=max(1, int(study.resources.cpu)))
     trainable = tune.with_resources(trainable, {"cpu": study.resources.cpu, "gpu": study.resources.gpu})
-    tuner = tune.Tuner(
+    path = Path(study.storage).resolve() / experiment.name
+    if resume and tune.Tuner.can_restore(path):
+        # Finished trials stay as they are; unfinished and errored ones go on from their last
+        # checkpoint, in their own folders, so they re-attach to their own MLflow child runs.
+        return tune.Tuner.restore(str(path), trainable=trainable, resume_unfinished=True, resume_errored=True)
+    return tune.Tuner(
         trainable,
-        param_space={"trial": tune.grid_search([t.index for t in trials])},
+        param_space=experiment.param_space,
         tune_config=tune.TuneConfig(
-            trial_name_creator=lambda t: trials[t.config["trial"]].name,
-            trial_dirname_creator=lambda t: trial_dirname(trials[t.config["trial"]])),
+            search_alg=experiment.search_alg, num_samples=experiment.num_samples,
+            trial_name_creator=experiment.trial_name, trial_dirname_creator=experiment.trial_dirname),
         run_config=tune.RunConfig(
-            name=study.name, storage_path=str(Path(study.storage).resolve()), verbose=verbose,
+            name=experiment.name, storage_path=str(Path(study.storage).resolve()), verbose=verbose,
             failure_config=tune.FailureConfig(max_failures=study.max_failures),
             checkpoint_config=tune.CheckpointConfig(num_to_keep=CHECKPOINTS_KEPT)))
-    return tuner.fit()
+
+
+def _result_name(trials: list[TrialSpec], study: StudyConfig, result: Any) -> str:
+    trial = trials[result.config["trial"]]
+    if study.search is None:
+        return trial.name
+    return sampled_name(trial, int(Path(result.path).name.split("_", 1)[0]))  # the folder: <sample>_<name>
+
+
+def _safe(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.=,-]", "_", name)[:100]
 
 
 def run_study(study: StudyConfig, study_yaml: str | Path, address: str | None = None,
-              num_cpus: int | None = None, verbose: int = 1) -> StudyResult:
+              num_cpus: int | None = None, verbose: int = 1, resume: bool = False) -> StudyResult:
     """Run every trial of ``study``; return what finished, what failed and the best test AMI.
 
     ``address``: an existing Ray cluster (``auto`` or ``HOST:PORT``); otherwise a local Ray
     with ``num_cpus`` (default ``$NEM_RAY_CPUS``, else all CPUs). A Ray instance already
     started in this process is used as it is.
+
+    ``resume``: continue a study whose driver died, from its Tune state in ``storage`` and
+    under its latest MLflow parent run; its trials keep their child runs.
     """
     import ray
+    from ray import tune
 
     trials = expand_trials(study)
+    experiments = _experiments(study, trials)
+    storage = Path(study.storage).resolve()
+    if resume and not any(tune.Tuner.can_restore(storage / e.name) for e in experiments):
+        raise InputError(f"study {study.name!r}: nothing to resume in {storage / experiments[0].name} "
+                         "(no Tune experiment state there; start the study with `nem-study run`)")
     uri = tracking.resolve_uri(study.tracking.uri)
     tracking.ensure_reachable(uri)  # before any trial starts
     experiment_id = tracking.get_experiment(uri, study.experiment, study.tracking.artifact_location)
+    parent_run_id = None
+    if resume:
+        parent_run_id = tracking.find_parent(uri, experiment_id, study.name)
+        if parent_run_id is None:
+            raise InputError(f"study {study.name!r}: no parent run in MLflow experiment {study.experiment!r} "
+                             f"at {uri} to resume under")
 
     started_ray = not ray.is_initialized()
     if started_ray:
         _start_ray(address, num_cpus)
+    rows = []
     try:
-        parent_run_id = tracking.start_parent(uri, experiment_id, study, study_yaml, trials)
+        if parent_run_id is None:
+            parent_run_id = tracking.start_parent(uri, experiment_id, study, study_yaml, trials)
+        else:
+            tracking.reopen_parent(uri, parent_run_id)
         try:
-            grid = _tune(study, trials, uri, parent_run_id, verbose)
+            for experiment in experiments:
+                rows += list(_tuner(study, trials, experiment, uri, parent_run_id, verbose, resume).fit())
         except BaseException as e:
             tracking.mark_failed(uri, parent_run_id, e)  # the parent run must not stay RUNNING
             raise
@@ -156,8 +260,8 @@ def run_study(study: StudyConfig, study_yaml: str | Path, address: str | None = 
             ray.shutdown()
 
     result = StudyResult(parent_run_id)
-    for r in grid:
-        name = trials[r.config["trial"]].name
+    for r in rows:
+        name = _result_name(trials, study, r)
         if r.error is not None:
             result.failed[name] = str(r.error).strip().splitlines()[-1][:300] if str(r.error).strip() \
                 else type(r.error).__name__

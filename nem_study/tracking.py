@@ -18,6 +18,8 @@ from typing import Any
 from nem_study.config import InputError, RunConfig, StudyConfig, TrialSpec
 
 TRIAL_TAG = "nem_study.trial"        # the trial name, to find a child run again after a restart
+STUDY_TAG = "nem_study.study"        # the study name on its parent run, to find it again on resume
+SAMPLED_TAG = "nem_study.sampled."   # + key: a value sampled by the search
 PARENT_TAG = "mlflow.parentRunId"    # what the MLflow UI nests child runs by
 DESCRIPTIVE = {"test_n", "test_k", "test_steps", "test_static"}
 
@@ -91,19 +93,37 @@ def start_parent(uri: str, experiment_id: str, study: StudyConfig, study_yaml: s
     from importlib.metadata import version
 
     client = _client(uri)
-    tags = {"nem_study.version": version("nem-study"), "nem_study.kind": "study"}
+    tags = {"nem_study.version": version("nem-study"), "nem_study.kind": "study", STUDY_TAG: study.name}
     commit = git_commit()
     if commit:
         tags["mlflow.source.git.commit"] = commit
     run = client.create_run(experiment_id, run_name=study.name, tags=tags)
     run_id = run.info.run_id
     client.log_param(run_id, "study", study.name)
-    client.log_param(run_id, "trials", len(trials))
+    client.log_param(run_id, "trials", len(trials) * (study.search.n_trials if study.search else 1))
     client.log_param(run_id, "seeds", study.seeds)
     client.log_param(run_id, "grid", json.dumps(study.grid)[:6000])
+    if study.search is not None:
+        client.log_param(run_id, "search", json.dumps(study.search.model_dump(mode="json"))[:6000])
     client.log_artifact(run_id, str(study_yaml))
     client.log_dict(run_id, [t.to_json() for t in trials], "trials.json")
     return run_id
+
+
+def find_parent(uri: str, experiment_id: str, study_name: str) -> str | None:
+    """The latest parent run of study ``study_name`` in the experiment (None if there is none)."""
+    runs = _client(uri).search_runs(
+        [experiment_id], filter_string=f"tags.`{STUDY_TAG}` = '{study_name}' and tags.`nem_study.kind` = 'study'",
+        order_by=["attributes.start_time DESC"], max_results=1)
+    return runs[0].info.run_id if runs else None
+
+
+def reopen_parent(uri: str, run_id: str) -> None:
+    """A resumed study runs under its parent again (RUNNING until it ends)."""
+    client = _client(uri)
+    run = client.get_run(run_id)
+    client.update_run(run_id, status="RUNNING")
+    client.set_tag(run_id, "nem_study.resumes", int(run.data.tags.get("nem_study.resumes", 0)) + 1)
 
 
 def end_parent(uri: str, run_id: str, finished: int, failed: int) -> None:
@@ -137,6 +157,7 @@ def start_child(uri: str, parent_run_id: str, trial: dict[str, Any], config: Run
         return run_id
     tags = {PARENT_TAG: parent_run_id, TRIAL_TAG: trial["name"], "nem_study.seed": str(trial["seed"]),
             "nem_study.cell": json.dumps(trial["cell"])}
+    tags.update({SAMPLED_TAG + key: str(value) for key, value in trial.get("sampled", {}).items()})
     run = client.create_run(experiment_id, run_name=trial["name"], tags=tags)
     _log_params(client, run.info.run_id, flatten(config))
     return run.info.run_id
@@ -159,6 +180,11 @@ def _metrics(values: dict[str, Any], step: int):
     now = int(time.time() * 1000)
     return [Metric(k, float(v), now, step) for k, v in values.items()
             if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)]
+
+
+def logged_epochs(uri: str, run_id: str) -> set[int]:
+    """The epochs a run has logged already (the steps of its ``epoch`` metric)."""
+    return {m.step for m in _client(uri).get_metric_history(run_id, "epoch")}
 
 
 def log_epoch(uri: str, run_id: str, metrics: dict[str, Any]) -> None:

@@ -213,3 +213,142 @@ def test_restore_puts_the_checkpoint_back_for_resume(tmp_path):
     assert _restore(None, target) is None
     assert _restore(tune.Checkpoint.from_directory(str(saved)), target) == target / "last.pt"
     assert (target / "last.pt").read_bytes() == b"last" and (target / "best.pt").read_bytes() == b"best"
+
+
+SEARCH = """
+search:
+  n_trials: 2
+  seed: {seed}
+  space:
+    train.lr: {{low: 1.0e-4, high: 1.0e-2, log: true}}
+    model.hidden: {{low: 8, high: 32}}
+    model.psi_init: {{choices: [zero, median]}}
+"""
+
+
+def test_a_search_samples_n_trials_per_grid_cell_within_the_ranges(tmp_path, local_ray):
+    from nem_study.config import expand_trials
+    from nem_study.study import _experiments, run_study
+
+    path = study_yaml(tmp_path, "  model.k: [2, 3]", seeds=1, max_epochs=1)
+    path.write_text(path.read_text() + SEARCH.format(seed=3))
+    study = load_study_config(path)
+    result = run_study(study, path, verbose=0)
+    names = ["k=2,sample=0", "k=2,sample=1", "k=3,sample=0", "k=3,sample=1"]
+    assert sorted(result.finished) == names and not result.failed
+    assert set(result.best_test_ami) == {'{"model.k": 2}', '{"model.k": 3}'}   # the best over each cell's samples
+    assert mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").get_run(result.parent_run_id).data.params[
+        "trials"] == "4"
+
+    children = runs_by_name(tmp_path, result.parent_run_id)
+    assert sorted(children) == names
+    sampled = {}
+    for name, run in children.items():
+        params, tags = run.data.params, run.data.tags
+        assert run.info.status == "FINISHED" and "test_ami" in run.data.metrics
+        assert f"k={params['model.k']},sample=" in name and params["train.seed"] == "0"
+        assert 1e-4 <= float(params["train.lr"]) <= 1e-2
+        assert 8 <= int(params["model.hidden"]) <= 32            # an integer range gives integers
+        assert params["model.psi_init"] in ("zero", "median")
+        for key in ("train.lr", "model.hidden", "model.psi_init"):
+            assert tags[f"nem_study.sampled.{key}"] == params[key]
+        sampled[name] = (float(params["train.lr"]), int(params["model.hidden"]), params["model.psi_init"])
+    assert sampled["k=2,sample=0"] != sampled["k=2,sample=1"]
+
+    def first_two(seed: int) -> list[tuple]:
+        """What a fresh sampler with this seed suggests first (TPE starts with seeded random samples)."""
+        study.search.seed = seed
+        experiment = _experiments(study, expand_trials(study))[0]
+        searcher = experiment.search_alg
+        searcher.set_search_properties(None, None, experiment.param_space)
+        return [tuple(v for v in searcher.suggest(f"t{i}")["space"].values()) for i in range(2)]
+
+    assert first_two(3) == [sampled["k=2,sample=0"], sampled["k=2,sample=1"]]   # the same seed, the same values
+    assert first_two(4) != first_two(3)
+
+
+def test_resume_after_the_driver_is_killed_continues_each_trial_in_its_own_child_run(tmp_path):
+    """SIGKILL `nem-study run` (its process group) once a trial has reported an epoch, then resume."""
+    epochs = 10
+    path = study_yaml(tmp_path, "  model.k: [2, 3]", seeds=1, max_epochs=epochs)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "NEM_RAY_CPUS": "1"}
+    results = tmp_path / "ray_results" / "tiny"
+    with open(tmp_path / "run.log", "w") as log:
+        driver = subprocess.Popen([sys.executable, "-m", "nem_study.cli", "run", str(path)], cwd=tmp_path, env=env,
+                                  stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    reported: list[dict] = []
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline and driver.poll() is None and not reported:
+        if list(results.glob("experiment_state-*.json")):   # Tune has something to restore from
+            reported = [json.loads(line) for f in results.glob("0*/result.json") for line in f.read_text().splitlines()]
+        time.sleep(0.05)
+    assert driver.poll() is None, "the study ended first:\n" + (tmp_path / "run.log").read_text()[-3000:]
+    os.killpg(driver.pid, signal.SIGKILL)
+    driver.wait()
+    assert reported, "no epoch reported in time"
+    # The trial's worker outlives the driver for a moment; it must not log beside the resumed one.
+    for pid in {r["pid"] for r in reported}:
+        try:
+            if "ray::" in Path(f"/proc/{pid}/cmdline").read_text():
+                os.kill(pid, signal.SIGKILL)
+        except (FileNotFoundError, ProcessLookupError):
+            pass
+
+    r = cli("resume", str(path), cwd=tmp_path)
+    assert r.returncode == 0, (r.returncode, r.stderr[-3000:])
+    assert "2 trial(s) finished, 0 failed" in r.stdout
+
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("tiny").experiment_id])
+    parents = [run for run in runs if "mlflow.parentRunId" not in run.data.tags]
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    assert parents[0].data.tags["nem_study.resumes"] == "1"
+    assert json.loads(r.stdout.strip().splitlines()[-1])["parent_run_id"] == parents[0].info.run_id
+    children = [run for run in runs if run.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id]
+    assert len(children) == len(runs) - 1
+    assert sorted(run.info.run_name for run in children) == ["k=2,seed=0", "k=3,seed=0"]   # no duplicates
+    for run in children:
+        assert run.info.status == "FINISHED" and "test_ami" in run.data.metrics
+        for metric in ("epoch", "train_loss", "valid_loss", "valid_ami"):
+            steps = [m.step for m in client.get_metric_history(run.info.run_id, metric)]
+            assert sorted(steps) == list(range(1, epochs + 1)), (run.info.run_name, metric, steps)
+    # The killed trial went on in its own child run, not a new one.
+    assert any(run.data.tags.get("nem_study.restarts") == "1" for run in children), reported
+
+
+def test_resume_with_nothing_to_resume_names_the_storage_folder(tmp_path):
+    path = study_yaml(tmp_path, "  model.k: [2]")
+    r = cli("resume", str(path), cwd=tmp_path)
+    assert r.returncode == 2, (r.returncode, r.stderr[-2000:])
+    assert "Traceback" not in r.stderr
+    assert f"study 'tiny': nothing to resume in {tmp_path / 'ray_results' / 'tiny'}" in r.stderr
+    assert not (tmp_path / "mlflow.db").exists()
+
+
+def test_a_resumed_trial_finds_its_parent_its_child_run_and_the_epochs_it_logged(tmp_path):
+    """The MLflow side of `resume`, without Ray: what run_trial re-attaches to after the driver died."""
+    from nem_study import tracking
+    from nem_study.config import expand_trials
+
+    path = study_yaml(tmp_path, "  model.k: [2]", seeds=1)
+    study = load_study_config(path)
+    trial = expand_trials(study)[0]
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    experiment_id = tracking.get_experiment(uri, study.experiment, study.tracking.artifact_location)
+    assert tracking.find_parent(uri, experiment_id, "tiny") is None
+    older = tracking.start_parent(uri, experiment_id, study, path, [trial])
+    time.sleep(0.01)   # start times are in milliseconds
+    parent = tracking.start_parent(uri, experiment_id, study, path, [trial])
+    assert tracking.find_parent(uri, experiment_id, "tiny") == parent != older   # the latest one
+    assert tracking.find_parent(uri, experiment_id, "other") is None
+
+    run_id = tracking.start_child(uri, parent, trial.to_json(), trial.config)
+    assert tracking.logged_epochs(uri, run_id) == set()
+    for epoch in (1, 2):
+        tracking.log_epoch(uri, run_id, {"epoch": epoch, "valid_loss": 1.0 / epoch})
+    assert tracking.start_child(uri, parent, trial.to_json(), trial.config) == run_id
+    assert tracking.logged_epochs(uri, run_id) == {1, 2}
+    tracking.reopen_parent(uri, parent)
+    client = mlflow.MlflowClient(uri)
+    assert client.get_run(parent).data.tags["nem_study.resumes"] == "1"
+    assert client.get_run(run_id).data.tags["nem_study.restarts"] == "1"

@@ -96,7 +96,29 @@ def test_same_field_name_in_two_sections_uses_dotted_keys(tmp_path):
     ("name: s\nstop: {max_epochs: 0}\n", "stop.max_epochs: Input should be greater than or equal to 1"),
     ("name: s\ntracking: {url: x}\n", "tracking.url: unknown key"),
     ("name: s\nmax_failures: -1\n", "max_failures: Input should be greater than or equal to 0"),
-    ("name: s\nsearch: {n_trials: 3}\n", "search: unknown key"),
+    ("name: s\nsearch: {n_trials: 3}\n", "search.space: Field required"),
+    ("name: s\nsearch: {n_trials: 0, space: {train.lr: {low: 0.1, high: 1}}}\n",
+     "search.n_trials: Input should be greater than or equal to 1"),
+    ("name: s\nsearch: {n_trials: 2, metric: ami, space: {train.lr: {low: 0.1, high: 1}}}\n",
+     "search.metric: Input should be 'valid_loss' or 'valid_ami'"),
+    ("name: s\nsearch: {n_trials: 2, space: {model.kk: {low: 1, high: 2}}}\n",
+     "search.space.model.kk: not a run-config key"),
+    ("name: s\nsearch: {n_trials: 2, space: {train.seed: {choices: [1, 2]}}}\n",
+     "search.space.train.seed: not allowed in a search space: set by `seeds`"),
+    ("name: s\ngrid: {model.k: [2, 3]}\nsearch: {n_trials: 2, space: {model.k: {low: 2, high: 5}}}\n",
+     "search.space.model.k: already a grid key"),
+    ("name: s\nsearch: {n_trials: 2, space: {train.lr: {low: 0.1, high: 0.01}}}\n",
+     "search.space.train.lr: Value error, low must be below high"),
+    ("name: s\nsearch: {n_trials: 2, space: {train.lr: {low: 0.0, high: 0.1, log: true}}}\n",
+     "search.space.train.lr: Value error, a log range needs low > 0"),
+    ("name: s\nsearch: {n_trials: 2, space: {train.lr: {low: 0.1}}}\n",
+     "search.space.train.lr: Value error, expected low and high (and optionally log), or choices"),
+    ("name: s\nsearch: {n_trials: 2, space: {model.k: {low: 0, high: 4}}}\n",
+     "search.space.model.k.low: Input should be greater than or equal to 1 (got 0)"),
+    ("name: s\nsearch: {n_trials: 2, space: {noise.prob: {choices: [0.1, 2.0]}}}\n",
+     "search.space.noise.prob.choices[1]: Input should be less than or equal to 1 (got 2.0)"),
+    ("name: s\nseeds: 2\nsearch: {n_trials: 2, space: {train.lr: {low: 0.001, high: 0.01}}}\n",
+     "seeds: with `search`, each sampled config is trained once"),
     ("grid: {}\n", "name: Field required"),
     ("name: a b\n", "name: String should match pattern"),
 ])
@@ -146,6 +168,36 @@ def test_validate_prints_the_trials(tmp_path):
     assert "k=3,objects=3,seed=11" in r.stdout
 
 
+SEARCH = """
+name: searched
+base:
+  data: {name: static_shapes, train: 64, valid: 16, test: 16}
+grid:
+  model.k: [2, 3]
+search:
+  n_trials: 5
+  metric: valid_ami
+  space:
+    train.lr: {low: 1.0e-4, high: 1.0e-2, log: true}
+    model.hidden: {low: 8, high: 64}
+    model.psi_init: {choices: [zero, median]}
+"""
+
+
+def test_a_search_is_n_trials_per_grid_cell(tmp_path):
+    study = load_study_config(write(tmp_path, SEARCH))
+    search = study.search
+    assert (search.n_trials, search.seed, search.metric, search.mode) == (5, 0, "valid_ami", "max")
+    assert search.space["model.hidden"].integer and not search.space["train.lr"].integer
+    assert search.space["train.lr"].log and search.space["model.psi_init"].choices == ["zero", "median"]
+    assert [t.name for t in expand_trials(study)] == ["k=2,seed=0", "k=3,seed=0"]   # one spec per cell
+    for command in (["validate"], ["run", "--dry-run"]):
+        r = cli(*command[:1], write(tmp_path, SEARCH), *command[1:])
+        assert r.returncode == 0, r.stderr
+        assert "10 trial(s) (2 grid cell(s) x 5 sampled trial(s))" in r.stdout
+        assert "train.lr, model.hidden, model.psi_init, valid_ami (max), seed 0" in r.stdout
+
+
 def test_validate_exits_2_with_every_problem_and_no_traceback(tmp_path):
     r = cli("validate", write(tmp_path, BROKEN))
     assert r.returncode == 2, (r.returncode, r.stderr)
@@ -160,7 +212,7 @@ def test_shipped_studies_are_valid():
         assert expand_trials(load_study_config(path)), path
 
 
-@pytest.mark.parametrize("command", ["validate", "run"])
+@pytest.mark.parametrize("command", ["validate", "run", "resume"])
 def test_study_commands_have_help(command):
     r = cli(command, "--help")
     assert r.returncode == 0 and f"usage: nem-study {command}" in r.stdout
