@@ -14,6 +14,28 @@ _OBJECT_COLOURS = np.array([
 ])
 
 
+def _pyplot():
+    """matplotlib's pyplot on the file-only Agg backend, imported on first use (slow import)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, path, title: str | None = None, rect=(0, 0, 1, 1)) -> Path:
+    """Title, tight layout, write the PNG (folders made as needed), close; the path written."""
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout(rect=rect)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    _pyplot().close(fig)
+    return path
+
+
 def label_colours(labels: np.ndarray) -> np.ndarray:
     """uint8 label maps (..., H, W) -> RGB float (..., H, W, 3): background black, objects
     coloured (cycling after 9), overlap (255) white."""
@@ -31,10 +53,7 @@ def data_strip(images, labels, path, n_seq: int = 4, n_frames: int = 8, title: s
     [0, 1]; labels: uint8, same shape. Shows ``n_frames`` frames evenly spaced over the
     sequence (all of them if it is shorter). Returns the path written.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _pyplot()
     from matplotlib.patches import Patch
 
     images, labels = np.asarray(images), np.asarray(labels)
@@ -67,14 +86,7 @@ def data_strip(images, labels, path, n_seq: int = 4, n_frames: int = 8, title: s
                for v in range(1, k + 1)]
     handles.append(Patch(facecolor="white", edgecolor="grey", label="overlap"))
     fig.legend(handles=handles, loc="lower center", ncol=len(handles), fontsize=7, frameon=False)
-    if title:
-        fig.suptitle(title, fontsize=10)
-    fig.tight_layout(rect=(0, 0.04, 1, 0.97 if title else 1))
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return _save(fig, path, title, rect=(0, 0.04, 1, 0.97 if title else 1))
 
 
 def training_curves(history: list[dict], path, title: str | None = None) -> Path:
@@ -83,10 +95,7 @@ def training_curves(history: list[dict], path, title: str | None = None) -> Path
     ``history`` is the trainer's list of per-epoch metrics; AMI curves are drawn for the keys
     present (``valid_ami``, ``test_ami``).
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _pyplot()
 
     epochs = [h["epoch"] for h in history]
     fig, (ax_loss, ax_ami) = plt.subplots(1, 2, figsize=(9, 3.4))
@@ -103,14 +112,7 @@ def training_curves(history: list[dict], path, title: str | None = None) -> Path
     ax_ami.set_ylim(bottom=min(0.0, ax_ami.get_ylim()[0]))
     ax_ami.grid(alpha=0.3)
     ax_ami.legend(fontsize=8)
-    if title:
-        fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return _save(fig, path, title)
 
 
 def grouping_panel(frames, psi, gamma, labels, path, seq: int = 0, n_steps: int = 10,
@@ -121,10 +123,7 @@ def grouping_panel(frames, psi, gamma, labels, path, seq: int = 0, n_steps: int 
     frames: (T, H, W) the input at each step; psi, gamma: (T, K, H, W); labels: (T, H, W) of
     each step's target. Shows ``n_steps`` steps evenly spaced over T.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _pyplot()
 
     frames, psi, gamma, labels = (np.asarray(a) for a in (frames, psi, gamma, labels))
     T, K = psi.shape[:2]
@@ -145,11 +144,4 @@ def grouping_panel(frames, psi, gamma, labels, path, seq: int = 0, n_steps: int 
             if r == 0:
                 ax.set_title(f"t = {t + 1}", fontsize=8)
         axes[r, 0].set_ylabel(name, fontsize=8)
-    if title:
-        fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return _save(fig, path, title)
