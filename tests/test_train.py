@@ -123,3 +123,16 @@ def test_component_shares_sorts_each_images_shares():
     valid = np.array([[[True, True, True, False]], [[True, True, False, False]]])
     shares = component_shares(pred, valid, 3)
     assert np.allclose(shares, [[2 / 3, 1 / 3, 0], [1, 0, 0]])
+
+
+def test_generalisation_specs_keep_the_test_sequences_and_skip_training_data():
+    from nem_study import data
+    from nem_study.evaluate import test_spec
+
+    cfg = RunConfig(data={"name": "flying_shapes", "train": 50, "valid": 20, "test": 6})
+    spec = test_spec(cfg, objects=2, steps=30)
+    assert (spec.train, spec.valid, spec.test, spec.objects, spec.frames) == (1, 1, 6, 2, 31)
+    full = cfg.data.model_copy(update={"objects": 2, "frames": 31})
+    for a, b in zip(data.generate(spec, "test"), data.generate(full, "test")):
+        assert np.array_equal(a, b)
+    assert test_spec(cfg) is cfg.data
