@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from nem_study.config import InputError, NoiseConfig, RunConfig
-from nem_study.data import OVERLAP, Split
+from nem_study.data import BACKGROUND, OVERLAP, Split
 from nem_study.metrics import ami_matrix, bce_upper_bound
 from nem_study.model import NEM
 
@@ -120,7 +120,7 @@ def evaluate(model: NEM, split: Split, cfg: RunConfig, n: int | None = None, *,
         bce_sum += bce.view(steps, -1).sum(1).double().cpu()
         pred = out.gamma.argmax(2).squeeze(2).transpose(0, 1)    # (B, T, H, W)
         true = target_labels(labels, steps, static)               # (B, T, H, W)
-        valid = (true != 0) & (true != OVERLAP)
+        valid = (true != BACKGROUND) & (true != OVERLAP)
         pred = pred.cpu().numpy()
         amis.append(ami_matrix(true, pred, valid, average_method=average_method))
         shares.append(component_shares(pred[:, -1], valid[:, -1], k))
