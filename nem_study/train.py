@@ -76,6 +76,11 @@ def pick_device(name: str) -> torch.device:
 # Evaluation
 
 
+def autocast(device: torch.device, precision: str) -> torch.autocast:
+    """bf16 autocast of the networks' convs and matmuls (``train.precision``); fp32: a no-op."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+
+
 def component_shares(pred: np.ndarray, valid: np.ndarray, k: int) -> np.ndarray:
     """Per image, the share of object pixels each component wins, largest first: (B, K).
 
@@ -114,7 +119,8 @@ def evaluate(model: NEM, split: Split, cfg: RunConfig, n: int | None = None, *,
         frames, labels = split.batch(idx)
         inputs, targets = to_steps(torch.from_numpy(frames).to(device), steps, static)
         x_tilde = corrupt(inputs, cfg.noise, gen)                 # (T, B, 1, H, W)
-        out = model(x_tilde, targets, k=k, generator=gen, collect=True)
+        with autocast(device, cfg.train.precision):
+            out = model(x_tilde, targets, k=k, generator=gen, collect=True)
         loss_sum += out.loss.item() * len(idx)
         bce = bce_upper_bound(out.psi.flatten(0, 1), targets.flatten(0, 1))  # (T*B,)
         bce_sum += bce.view(steps, -1).sum(1).double().cpu()
@@ -240,7 +246,8 @@ def fit(cfg: RunConfig, splits: Mapping[str, Split], report: Report | None = Non
             idx = np.sort(order[b * tc.batch_size:(b + 1) * tc.batch_size])
             frames, _ = train.batch(idx)
             inputs, targets = to_steps(torch.from_numpy(frames).to(device), steps, static)
-            out = model(corrupt(inputs, cfg.noise, gen), targets, generator=gen)
+            with autocast(device, tc.precision):
+                out = model(corrupt(inputs, cfg.noise, gen), targets, generator=gen)
             loss = out.loss.item()
             if not math.isfinite(loss):
                 raise NonFiniteLoss(f"non-finite loss ({loss}) at epoch {epoch}, batch {b + 1} of "
