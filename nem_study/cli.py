@@ -20,6 +20,7 @@ EXAMPLES = """examples:
   nem-study validate studies/quickstart.yaml
   nem-study run studies/quickstart.yaml
   nem-study resume studies/quickstart.yaml
+  nem-study report studies/quickstart.yaml --out reports/quickstart
 """
 
 
@@ -106,6 +107,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="an existing Ray cluster (default: start a local Ray)")
     s.add_argument("--num-cpus", type=int, metavar="N",
                    help="CPUs of the local Ray (default: $NEM_RAY_CPUS, else all)")
+
+    rp = sub.add_parser("report", help="tables and figures of a study, from MLflow",
+                        description="Read every trial of a study from MLflow and write its report: a table "
+                        "of the grid (mean ± std over seeds, failed runs counted), the paper's tables where "
+                        "the study has such runs (published values beside ours), figures (AMI per time "
+                        "step, BCE K = 1 vs 5, training curves, grouping panels) and index.md. Also logs "
+                        "the files on the study's parent run (artifacts under report/).")
+    rp.add_argument("study", metavar="STUDY", help="a study YAML (its name and tracking section), a study "
+                    "name, or the study's MLflow parent run id")
+    rp.add_argument("--tracking-uri", metavar="URI", help="MLflow tracking URI (default: the YAML's "
+                    "tracking.uri, else $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)")
+    rp.add_argument("--out", metavar="DIR", help="report folder (default: reports/<study>)")
     return p
 
 
@@ -113,21 +126,28 @@ def cmd_train(args: argparse.Namespace) -> int:
     from nem_study import data
     from nem_study.config import load_run_config
     from nem_study.plots import training_curves
-    from nem_study.train import fit, load_checkpoint
+    from nem_study.train import fit_curriculum, load_checkpoint
 
     cfg = load_run_config(args.config, args.overrides)
     if args.out:
         cfg.train.checkpoint_dir = args.out
     elif cfg.train.checkpoint_dir is None:
         cfg.train.checkpoint_dir = f"runs/{Path(args.config).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
-    splits = {s: data.load(cfg.data, s, mnist_path=args.mnist) for s in ("train", "valid", "test")}
     log = (lambda *a: None) if args.quiet else (lambda *a: print(*a, file=sys.stderr, flush=True))
-    log(f"training {cfg.model.kind} K={cfg.model.k} on {cfg.data.name} ({len(splits['train'])} sequences), "
+
+    def load(spec, split):
+        return data.load(spec, split, mnist_path=args.mnist)
+
+    stages = f", curriculum {cfg.data.curriculum}" if cfg.data.curriculum else ""
+    log(f"training {cfg.model.kind} K={cfg.model.k} on {cfg.data.name} ({cfg.data.train} sequences{stages}), "
         f"checkpoints in {cfg.train.checkpoint_dir}")
-    result = fit(cfg, splits, resume=args.resume, progress=not args.quiet)
+    history: list[dict] = []
+    result = fit_curriculum(cfg, load, report=lambda m, _: history.append(m), resume=args.resume,
+                            progress=not args.quiet)
     out = Path(cfg.train.checkpoint_dir)
-    (out / "metrics.json").write_text(json.dumps(result, indent=1))
-    history = load_checkpoint(out / "last.pt")["history"]
+    if not cfg.data.curriculum:  # the checkpoint's history also holds the epochs before a --resume
+        history = load_checkpoint(out / "last.pt")["history"]
+    (out / "metrics.json").write_text(json.dumps(result | {"history": history}, indent=1))
     training_curves(history, out / "curves.png", title=f"{cfg.model.kind} K={cfg.model.k} on {cfg.data.name}")
     log(f"test AMI {result['test_ami']:.3f} (last step {result['test_ami_last']:.3f}), "
         f"stopped by {result['stop_reason']} after {result['epochs']} epochs; metrics in {out / 'metrics.json'}, "
@@ -182,6 +202,11 @@ def print_trials(study_path: str, study, trials) -> None:
         print(f"  {d.name}, {d.train}/{d.valid}/{d.test} sequences, {d.frames} frame(s), "
               f"max {trials[0].config.train.max_epochs} epochs; {study.resources.cpu:g} CPU, "
               f"{study.resources.gpu:g} GPU per trial")
+    if study.scheduler is not None:
+        print(f"  ASHA on valid_loss: grace period {study.scheduler.grace_period} epoch(s), "
+              f"reduction factor {study.scheduler.reduction_factor:g}")
+    if study.evaluations and trials:
+        print("  evaluations after training: " + ", ".join(e.label(trials[0].config) for e in study.evaluations))
     for t in trials:
         print(f"  {t.index:>4}  {t.name if study.search is None else cell_name(t.cell) or '(no grid)'}")
 
@@ -207,26 +232,36 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     result = run_study(study, args.study, address=args.address, num_cpus=args.num_cpus,
                        resume=args.command == "resume")
-    print(f"\nstudy {study.name!r}: {len(result.finished)} trial(s) finished, {len(result.failed)} failed "
+    stopped = f", {len(result.stopped)} stopped early by ASHA" if result.stopped else ""
+    print(f"\nstudy {study.name!r}: {len(result.finished)} trial(s) finished, {len(result.failed)} failed{stopped} "
           f"(MLflow parent run {result.parent_run_id}, {study.tracking.uri}, experiment {study.experiment!r})")
     for name, error in result.failed.items():
         print(f"  failed  {name}: {error}")
     for cell, ami in sorted(result.best_test_ami.items()):
         print(f"  best test AMI {ami:.3f}  {cell_name(json.loads(cell)) or '(no grid)'}")
     print(json.dumps({"finished": len(result.finished), "failed": len(result.failed),
-                      "parent_run_id": result.parent_run_id}))
+                      "stopped": len(result.stopped), "parent_run_id": result.parent_run_id}))
     return 1 if result.failed else 0
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    from analysis.report import make_report   # no torch, no Ray: a report starts fast
+
+    index = make_report(args.study, tracking_uri=args.tracking_uri, out=args.out)
+    print(f"report written to {index.parent}/ (open {index})")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
+    from analysis import ReportError
     from nem_study.config import InputError
 
     args = build_parser().parse_args(argv)
     handler = {"train": cmd_train, "evaluate": cmd_evaluate, "data": cmd_data, "validate": cmd_validate,
-               "run": cmd_run, "resume": cmd_run}[args.command]
+               "run": cmd_run, "resume": cmd_run, "report": cmd_report}[args.command]
     try:
         return handler(args)
-    except InputError as e:
+    except (InputError, ReportError) as e:
         print(f"nem-study: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -38,6 +38,9 @@ class DataConfig(Strict):
     digit_pool: int | None = Field(
         None, ge=1, description="flying MNIST: draw training digits from the first N (curriculum)"
     )
+    curriculum: list[int] | None = Field(
+        None, min_length=1, description="flying MNIST: train stage after stage on these digit pools, "
+        "e.g. [20, 500, 50000], each stage with its own early stopping (None: one stage, digit_pool)")
     digit_size: int = Field(14, ge=4, description="flying MNIST: side of the down-sampled digit")
     overlap: Literal["max", "clip_sum"] = Field("max", description="flying MNIST: ink where digits overlap")
     seed: int = Field(0, ge=0)
@@ -55,6 +58,13 @@ class DataConfig(Strict):
             self.image_size = 24 if self.name == "flying_mnist" else 28
         if self.name == "flying_mnist" and self.digit_size > self.image_size:
             raise ValueError("digit_size must not exceed image_size")
+        if self.curriculum is not None:
+            if self.name != "flying_mnist":
+                raise ValueError("curriculum (digit pools) applies to flying_mnist only")
+            if min(self.curriculum) < 1:
+                raise ValueError("curriculum: every digit pool must be >= 1")
+            if self.digit_pool is not None:
+                raise ValueError("set either curriculum or digit_pool, not both")
         return self
 
     @property
@@ -246,6 +256,34 @@ class ResourcesConfig(Strict):
     gpu: float = Field(0.0, ge=0)
 
 
+class EvaluationConfig(Strict):
+    """One generalisation test run on each trial's best network after training (NEM_SPEC.md §5)."""
+
+    name: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$",
+                             description="metric prefix eval/<name>/ (default from the fields, e.g. k5-objects3-steps20)")
+    k: int | None = Field(None, ge=1, le=64, description="components at test time (default: the trained K)")
+    objects: int | None = Field(None, ge=1, le=9, description="objects per image (default: as trained)")
+    steps: int | None = Field(None, ge=1, description="time / EM steps (default: as trained; 50 for Figure 6)")
+    static: bool = Field(False, description="repeat each first frame for every step (static transfer)")
+    n: int | None = Field(None, ge=1, description="test sequences (default: train.test_samples, else all)")
+
+    def label(self, cfg: RunConfig) -> str:
+        """The metric prefix: ``name``, or the resolved test setting like ``k5-objects3-steps20``."""
+        if self.name:
+            return self.name
+        steps = self.steps or cfg.steps
+        return f"k{self.k or cfg.model.k}-objects{self.objects or cfg.data.objects}-steps{steps}" + \
+            ("-static" if self.static else "")
+
+
+class SchedulerConfig(Strict):
+    """ASHA (asynchronous successive halving): stop trials whose validation loss lags behind."""
+
+    kind: Literal["asha"] = "asha"
+    grace_period: int = Field(1, ge=1, description="epochs every trial gets before it can be stopped")
+    reduction_factor: float = Field(3.0, gt=1, description="keep 1 / reduction_factor at each rung")
+
+
 class StopConfig(Strict):
     """Limits applied to every trial (they override ``base.train``)."""
 
@@ -324,6 +362,9 @@ class StudyConfig(Strict):
     storage: str = Field("./ray_results", min_length=1, description="Ray Tune results and checkpoints")
     max_failures: int = Field(2, ge=0, description="restarts of a failed trial (from its last checkpoint)")
     search: SearchConfig | None = Field(None, description="Optuna search within each grid cell")
+    scheduler: SchedulerConfig | None = Field(None, description="ASHA on the validation loss")
+    evaluations: list[EvaluationConfig] = Field(
+        default_factory=list, description="generalisation tests after training; metrics eval/<name>/...")
 
     # The base as written: grid values are applied to it before defaults are resolved, so a
     # grid over data.name still gets each data set's own defaults.

@@ -97,7 +97,7 @@ def training_curves(history: list[dict], path, title: str | None = None) -> Path
     """
     plt = _pyplot()
 
-    epochs = [h["epoch"] for h in history]
+    epochs = [h.get("iteration", h["epoch"]) for h in history]  # counted over curriculum stages
     fig, (ax_loss, ax_ami) = plt.subplots(1, 2, figsize=(9, 3.4))
     for key in ("train_loss", "valid_loss"):
         ax_loss.plot(epochs, [h[key] for h in history], marker="o", ms=3, label=key.replace("_", " "))

@@ -32,6 +32,7 @@ class StudyResult:
     finished: list[str] = field(default_factory=list)
     failed: dict[str, str] = field(default_factory=dict)          # trial name -> error
     best_test_ami: dict[str, float] = field(default_factory=dict)  # grid cell -> best over seeds
+    stopped: list[str] = field(default_factory=list)               # stopped early by ASHA
 
 
 # ----------------------------------------------------------------------------------------
@@ -48,7 +49,7 @@ def run_trial(config: dict[str, Any], *, trials: list[dict[str, Any]], study: St
     from ray import tune
 
     from nem_study import data
-    from nem_study.train import fit
+    from nem_study.train import fit_curriculum
 
     trial = trials[config["trial"]]
     os.environ["NEM_DATA_DIR"] = data_dir  # the cache the driver sees, whatever the worker's env
@@ -58,28 +59,55 @@ def run_trial(config: dict[str, Any], *, trials: list[dict[str, Any]], study: St
         trial = {**trial, "name": tune.get_context().get_trial_name(), "sampled": sampled}
     else:
         cfg = RunConfig.model_validate(trial["config"])
-    checkpoint_dir = Path(tune.get_context().get_trial_dir()) / "checkpoints"
+    trial_dir = Path(tune.get_context().get_trial_dir())
+    checkpoint_dir = trial_dir / "checkpoints"
     cfg.train.checkpoint_dir = str(checkpoint_dir)
     cfg.train.threads = cfg.train.threads or threads
     run_id = tracking.start_child(tracking_uri, parent_run_id, trial, cfg)
     # After a restart or a resumed study, epochs between the last checkpoint and the crash run
     # again; MLflow keeps their first values, so each epoch is in the history once.
-    logged = tracking.logged_epochs(tracking_uri, run_id)
+    logged = tracking.logged_iterations(tracking_uri, run_id)
 
     def report(metrics: dict[str, Any], ckpt_dir: Path | None) -> None:
-        if int(metrics["epoch"]) not in logged:
+        if int(metrics["iteration"]) not in logged:
             tracking.log_epoch(tracking_uri, run_id, metrics)
         checkpoint = tune.Checkpoint.from_directory(str(ckpt_dir)) if ckpt_dir else None
         tune.report(metrics, checkpoint=checkpoint)
 
     try:
         resume = _restore(tune.get_checkpoint(), checkpoint_dir)
-        splits = {s: data.load(cfg.data, s, progress=False) for s in data.SPLITS}
-        result = fit(cfg, splits, report=report, resume=resume)
+        result = fit_curriculum(cfg, lambda spec, split: data.load(spec, split, progress=False),
+                                report=report, resume=resume)
+        evaluations = run_evaluations(study, cfg, result.get("checkpoint"), trial_dir)
+    except SystemExit:  # Tune stopped the trial (the scheduler, or the study ending): not a failure
+        tracking.mark_stopped(tracking_uri, run_id, "stopped by Ray Tune (scheduler)")
+        raise
     except BaseException as e:
         tracking.mark_failed(tracking_uri, run_id, e)
         raise  # Ray marks the trial failed (and restarts it up to max_failures times)
-    tracking.log_final(tracking_uri, run_id, result, checkpoint_dir)
+    tracking.log_final(tracking_uri, run_id, result, evaluations, trial_dir / "groupings.png")
+
+
+def run_evaluations(study: StudyConfig, cfg: RunConfig, checkpoint: str | None, trial_dir: Path) -> list[dict[str, Any]]:
+    """The study's generalisation tests on the trial's best network, and its Figure-4 panel.
+
+    ``groupings.png`` shows test sequence 0 as trained; each evaluation adds its own panel.
+    """
+    from nem_study.evaluate import generalisation
+
+    if checkpoint is None:
+        return []
+    generalisation(checkpoint, n=1, panel=str(trial_dir / "groupings.png"))
+    results = []
+    for ev in study.evaluations:
+        label = ev.label(cfg)
+        result = generalisation(checkpoint, k=ev.k, objects=ev.objects, steps=ev.steps, static=ev.static,
+                                n=ev.n, panel=str(trial_dir / f"groupings-{label}.png"))
+        results.append({"name": label, "k": result["k"], "objects": result["test"]["objects"],
+                        "steps": result["steps"], "static": result["static"]} |
+                       {k: result[k] for k in ("n", "ami", "ami_last", "bce_bound", "ami_per_step",
+                                               "ami_q25_per_step", "ami_q75_per_step", "bce_per_step")})
+    return results
 
 
 def _restore(checkpoint: Any, checkpoint_dir: Path) -> Path | None:
@@ -87,11 +115,9 @@ def _restore(checkpoint: Any, checkpoint_dir: Path) -> Path | None:
     if checkpoint is None:
         return None
     with checkpoint.as_directory() as restored:
-        checkpoint_dir.mkdir(parents=True, exist_ok=True)
-        for name in ("last.pt", "best.pt"):
-            if (Path(restored) / name).is_file() and Path(restored) != checkpoint_dir:
-                shutil.copy2(Path(restored) / name, checkpoint_dir / name)
-    return checkpoint_dir / "last.pt"
+        if Path(restored).resolve() != checkpoint_dir.resolve():  # last.pt, best.pt, curriculum stages
+            shutil.copytree(restored, checkpoint_dir, dirs_exist_ok=True)
+    return checkpoint_dir
 
 
 # ----------------------------------------------------------------------------------------
@@ -191,12 +217,25 @@ def _tuner(study: StudyConfig, trials: list[TrialSpec], experiment: _Experiment,
         trainable,
         param_space=experiment.param_space,
         tune_config=tune.TuneConfig(
-            search_alg=experiment.search_alg, num_samples=experiment.num_samples,
+            search_alg=experiment.search_alg, num_samples=experiment.num_samples, scheduler=_scheduler(study, trials),
             trial_name_creator=experiment.trial_name, trial_dirname_creator=experiment.trial_dirname),
         run_config=tune.RunConfig(
             name=experiment.name, storage_path=str(Path(study.storage).resolve()), verbose=verbose,
             failure_config=tune.FailureConfig(max_failures=study.max_failures),
             checkpoint_config=tune.CheckpointConfig(num_to_keep=CHECKPOINTS_KEPT)))
+
+
+def _scheduler(study: StudyConfig, trials: list[TrialSpec]) -> Any:
+    """ASHA on the validation loss, in epochs counted over curriculum stages (``iteration``:
+    unlike Tune's ``training_iteration`` it does not restart when a trial restarts)."""
+    if study.scheduler is None:
+        return None
+    from ray.tune.schedulers import ASHAScheduler
+
+    max_t = max(t.config.train.max_epochs * len(t.config.data.curriculum or [None]) for t in trials)
+    return ASHAScheduler(time_attr="iteration", metric="valid_loss", mode="min", max_t=max_t,
+                         grace_period=study.scheduler.grace_period,
+                         reduction_factor=study.scheduler.reduction_factor)
 
 
 def _result_name(trials: list[TrialSpec], study: StudyConfig, result: Any) -> str:
@@ -268,6 +307,15 @@ def run_study(study: StudyConfig, study_yaml: str | Path, address: str | None = 
         else:
             result.finished.append(name)
     for run in tracking.child_runs(uri, parent_run_id):
+        name = run.data.tags.get(tracking.TRIAL_TAG, run.info.run_name)
+        if run.info.status == "RUNNING" and name not in result.failed:
+            # Its Tune trial ended without an error or a result: stopped early by ASHA, and its
+            # worker went before it could say so.
+            tracking.mark_stopped(uri, run.info.run_id, "stopped early by the scheduler (ASHA)")
+        if run.info.status in ("RUNNING", "KILLED") and name not in result.failed:
+            result.stopped.append(name)
+            if name in result.finished:
+                result.finished.remove(name)
         ami = run.data.metrics.get("test_ami")
         cell = run.data.tags.get("nem_study.cell", "{}")
         if run.info.status == "FINISHED" and ami is not None:

@@ -182,21 +182,25 @@ def _metrics(values: dict[str, Any], step: int):
             if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)]
 
 
-def logged_epochs(uri: str, run_id: str) -> set[int]:
-    """The epochs a run has logged already (the steps of its ``epoch`` metric)."""
-    return {m.step for m in _client(uri).get_metric_history(run_id, "epoch")}
+def logged_iterations(uri: str, run_id: str) -> set[int]:
+    """The epochs (counted over curriculum stages) a run has logged already."""
+    return {m.step for m in _client(uri).get_metric_history(run_id, "iteration")}
 
 
 def log_epoch(uri: str, run_id: str, metrics: dict[str, Any]) -> None:
-    """One epoch's metrics, with ``step`` = the epoch."""
-    _client(uri).log_batch(run_id, metrics=_metrics(metrics, int(metrics["epoch"])))
+    """One epoch's metrics, with ``step`` = the epoch counted over all curriculum stages."""
+    _client(uri).log_batch(run_id, metrics=_metrics(metrics, int(metrics["iteration"])))
 
 
-def log_final(uri: str, run_id: str, result: dict[str, Any], checkpoint_dir: Path | None) -> None:
-    """Test metrics, AMI per step (a metric history and a table), the best checkpoint; FINISHED."""
+def log_final(uri: str, run_id: str, result: dict[str, Any], evaluations: list[dict[str, Any]],
+              panel: Path | None = None) -> None:
+    """Test metrics, AMI per step (a metric history and a table), each evaluation (metrics
+    ``eval/<name>/...`` and ``evaluations.json``), the Figure-4 panel, the best checkpoint; FINISHED."""
     client = _client(uri)
     # Counts that describe the evaluation (n, k, steps) live in test_metrics.json, not as metrics.
     scalars = {k: v for k, v in result.items() if not isinstance(v, list) and k not in DESCRIPTIVE}
+    for ev in evaluations:
+        scalars |= {f"eval/{ev['name']}/{key}": ev[key] for key in ("ami", "ami_last", "bce_bound")}
     client.log_batch(run_id, metrics=_metrics(scalars, int(result.get("epochs", 0))))
     per_step = result.get("test_ami_per_step", [])
     steps = [m for t, ami in enumerate(per_step, start=1) for m in _metrics({"test_ami_step": ami}, t)]
@@ -204,13 +208,26 @@ def log_final(uri: str, run_id: str, result: dict[str, Any], checkpoint_dir: Pat
         client.log_batch(run_id, metrics=steps[lo:lo + 1000])
     client.set_tag(run_id, "stop_reason", str(result.get("stop_reason")))
     table = {"step": list(range(1, len(per_step) + 1)), "test_ami": per_step,
+             "test_ami_q25": result.get("test_ami_q25_per_step", []),
+             "test_ami_q75": result.get("test_ami_q75_per_step", []),
              "test_bce_bound": result.get("test_bce_per_step", [])}
     client.log_dict(run_id, table, "ami_per_step.json")
     client.log_dict(run_id, result, "test_metrics.json")
-    best = checkpoint_dir / "best.pt" if checkpoint_dir else None
-    if best is not None and best.is_file():
-        client.log_artifact(run_id, str(best), artifact_path="checkpoint")
+    client.log_dict(run_id, evaluations, "evaluations.json")
+    if panel is not None:
+        for png in sorted(panel.parent.glob(panel.stem + "*.png")):  # groupings.png, groupings-<eval>.png
+            client.log_artifact(run_id, str(png))
+    best = result.get("checkpoint")
+    if best is not None and Path(best).is_file():
+        client.log_artifact(run_id, best, artifact_path="checkpoint")
     client.set_terminated(run_id, "FINISHED")
+
+
+def mark_stopped(uri: str, run_id: str, reason: str) -> None:
+    """KILLED: stopped early on purpose (ASHA), not failed; no test metrics."""
+    client = _client(uri)
+    client.set_tag(run_id, "stop_reason", reason)
+    client.set_terminated(run_id, "KILLED")
 
 
 def mark_failed(uri: str, run_id: str, error: BaseException) -> None:

@@ -7,8 +7,10 @@ test evaluation (NEM_SPEC.md §3, §5). It reports through a plain callback
 
 from __future__ import annotations
 
+import json
 import math
 import time
+import warnings
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -138,13 +140,17 @@ def evaluate(model: NEM, split: Split, cfg: RunConfig, n: int | None = None, *,
                            f"test sequence {idx[0]}")
     model.train()
     ami = np.concatenate(amis)                                    # (N, T)
-    with np.errstate(all="ignore"):
+    with np.errstate(all="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)           # a step with no objects: NaN
         per_step = np.nanmean(ami, axis=0)                        # (T,)
+        q25, q75 = np.nanpercentile(ami, [25, 75], axis=0)        # (T,), (T,) Figure 6's band
     return {
         "loss": loss_sum / n,
         "ami_per_step": [float(a) for a in per_step],
         "ami": float(np.nanmean(per_step)),
         "ami_last": float(per_step[-1]),
+        "ami_q25_per_step": [float(a) for a in q25],
+        "ami_q75_per_step": [float(a) for a in q75],
         "bce_per_step": [float(b) for b in bce_sum / n],
         "component_shares": [float(c) for c in np.nanmean(np.concatenate(shares), axis=0)],
         "bce_bound": float(bce_sum.mean() / n),
@@ -204,11 +210,13 @@ def load_model(path: str | Path, device: str = "auto") -> tuple[NEM, RunConfig, 
 
 
 def fit(cfg: RunConfig, splits: Mapping[str, Split], report: Report | None = None,
-        resume: str | Path | None = None, progress: bool = False) -> dict[str, Any]:
+        resume: str | Path | None = None, progress: bool = False, init: str | Path | None = None,
+        test: bool = True) -> dict[str, Any]:
     """Train until early stopping, max_epochs or the time budget; return test metrics.
 
-    ``splits`` holds "train", "valid" and "test" (see ``nem_study.data.load``). ``resume`` is
-    a checkpoint (file or directory) to continue from, with its optimiser and counters.
+    ``splits`` holds "train", "valid" and (with ``test``) "test" (see ``nem_study.data.load``).
+    ``resume`` is a checkpoint (file or directory) to continue from, with its optimiser and
+    counters; ``init`` one whose weights only start a fresh run (a curriculum's next stage).
     """
     tc = cfg.train
     if tc.threads:
@@ -222,6 +230,8 @@ def fit(cfg: RunConfig, splits: Mapping[str, Split], report: Report | None = Non
         ckpt_dir.mkdir(parents=True, exist_ok=True)
 
     start_epoch, best_loss, best_epoch, history = 1, math.inf, 0, []
+    if init is not None and resume is None:
+        model.load_state_dict(load_checkpoint(init)["model"])
     if resume is not None:
         ckpt = load_checkpoint(resume)
         model.load_state_dict(ckpt["model"])
@@ -295,14 +305,78 @@ def fit(cfg: RunConfig, splits: Mapping[str, Split], report: Report | None = Non
             stop_reason = "time_budget"
             break
 
+    summary = {"epochs": epoch, "best_epoch": best_epoch, "best_valid_loss": best_loss,
+               "stop_reason": stop_reason, "train_seconds": time.monotonic() - t_start}
+    best = ckpt_dir / "best.pt" if ckpt_dir else None
+    if best is not None and best.is_file():
+        summary["checkpoint"] = str(best)
+    if not test:
+        return summary
     # Test with the best weights (the kept checkpoint), as the paper does.
-    if ckpt_dir and (ckpt_dir / "best.pt").is_file():
-        model.load_state_dict(load_checkpoint(ckpt_dir / "best.pt")["model"])
-    test = evaluate(model, splits["test"], cfg, tc.test_samples, seed=tc.seed)
-    return {"test_" + k: v for k, v in test.items()} | {
-        "epochs": epoch, "best_epoch": best_epoch, "best_valid_loss": best_loss,
-        "stop_reason": stop_reason, "train_seconds": time.monotonic() - t_start,
-    }
+    if best is not None and best.is_file():
+        model.load_state_dict(load_checkpoint(best)["model"])
+    result = evaluate(model, splits["test"], cfg, tc.test_samples, seed=tc.seed)
+    return {"test_" + k: v for k, v in result.items()} | summary
+
+
+# ----------------------------------------------------------------------------------------
+# A curriculum: one fit per stage, each starting from the previous stage's best weights
+
+
+def curriculum_stages(cfg: RunConfig) -> list[RunConfig]:
+    """One run config per stage (``data.digit_pool`` = the stage's pool); ``[cfg]`` without one."""
+    if not cfg.data.curriculum:
+        return [cfg]
+    raw = cfg.model_dump(mode="json")
+    return [RunConfig.model_validate(raw | {"data": raw["data"] | {"curriculum": None, "digit_pool": pool}})
+            for pool in cfg.data.curriculum]
+
+
+def fit_curriculum(cfg: RunConfig, load: Callable[[Any, str], Split], report: Report | None = None,
+                   resume: str | Path | None = None, progress: bool = False) -> dict[str, Any]:
+    """``fit`` stage after stage of ``data.curriculum`` (NEM_SPEC.md §4); one stage without one.
+
+    ``load(data_config, split)`` returns a split. Each stage has its own early stopping and
+    checkpoints in ``<checkpoint_dir>/stage<i>/``; a finished stage leaves ``stage.json``, so a
+    resumed run (``resume`` = the checkpoint folder) skips it. Only the last stage is tested.
+    Every report carries ``stage`` and ``iteration``, the epoch counted over all stages.
+    """
+    stages = curriculum_stages(cfg)
+    final = stages[-1]
+    root = Path(cfg.train.checkpoint_dir) if cfg.train.checkpoint_dir else None
+    if len(stages) > 1 and root is None:
+        raise InputError("data.curriculum needs train.checkpoint_dir (stages start from the previous best.pt)")
+    splits = {"valid": load(final.data, "valid"), "test": load(final.data, "test")}
+    offset, init, done = 0, None, []
+    for i, stage in enumerate(stages, start=1):
+        stage_dir = root / f"stage{i}" if len(stages) > 1 else root
+        if stage_dir is not None:
+            stage.train.checkpoint_dir = str(stage_dir)
+        marker = stage_dir / "stage.json" if len(stages) > 1 else None
+        if marker is not None and marker.is_file():  # finished before a restart
+            done.append(json.loads(marker.read_text()))
+            offset, init = offset + done[-1]["epochs"], stage_dir / "best.pt"
+            continue
+        stage_resume = resume
+        if len(stages) > 1 and resume is not None:  # the stage's own last.pt, if it got that far
+            stage_resume = stage_dir / "last.pt" if (stage_dir / "last.pt").is_file() else None
+
+        def stage_report(metrics: dict[str, Any], _dir: Path | None, i: int = i, offset: int = offset) -> None:
+            if report is not None:
+                report(metrics | {"stage": i, "iteration": offset + metrics["epoch"]}, root)
+
+        if progress and len(stages) > 1:
+            print(f"stage {i} of {len(stages)}: digit pool {stage.data.digit_pool}", flush=True)
+        splits["train"] = load(stage.data, "train")
+        result = fit(stage, splits, stage_report, stage_resume, progress, init=init, test=i == len(stages))
+        if marker is not None and i < len(stages):
+            done.append({"stage": i, "digit_pool": stage.data.digit_pool} |
+                        {k: result[k] for k in ("epochs", "best_epoch", "best_valid_loss", "stop_reason")})
+            marker.write_text(json.dumps(done[-1]))
+        offset, init = offset + result["epochs"], result.get("checkpoint")
+    if len(stages) > 1:
+        result |= {"epochs": offset, "stages": done}
+    return result
 
 
 def _progress(total: int, desc: str, enabled: bool):

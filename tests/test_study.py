@@ -32,7 +32,7 @@ def local_ray():
 
 
 def study_yaml(tmp_path: Path, grid: str, seeds: int = 2, max_failures: int = 0,
-               uri: str | None = None, max_epochs: int = 2) -> Path:
+               uri: str | None = None, max_epochs: int = 2, extra: str = "") -> Path:
     path = tmp_path / "study.yaml"
     path.write_text(f"""
 name: tiny
@@ -49,7 +49,7 @@ tracking:
   artifact_location: {tmp_path / 'mlartifacts'}
 storage: {tmp_path / 'ray_results'}
 max_failures: {max_failures}
-""")
+{extra}""")
     return path
 
 
@@ -88,7 +88,8 @@ def test_a_nonfinite_trial_fails_with_its_reason_and_the_others_finish(tmp_path)
 def test_four_trials_are_four_child_runs_under_one_parent(tmp_path, local_ray):
     from nem_study.study import run_study
 
-    path = study_yaml(tmp_path, "  model.k: [2, 3]")
+    evaluations = "evaluations:\n  - {k: 4}\n  - {name: two-shapes, objects: 2, steps: 5}\n"
+    path = study_yaml(tmp_path, "  model.k: [2, 3]", extra=evaluations)
     study = load_study_config(path)
     result = run_study(study, path, verbose=0)
     names = ["k=2,seed=0", "k=2,seed=1", "k=3,seed=0", "k=3,seed=1"]
@@ -122,19 +123,30 @@ def test_four_trials_are_four_child_runs_under_one_parent(tmp_path, local_ray):
         assert expected.pop("train.threads") == "None" and params.pop("train.threads") == "1"  # resources.cpu
         assert params == expected
         assert params["model.k"] == str(trial["cell"]["model.k"]) and params["train.seed"] == str(trial["seed"])
-        for metric in ("train_loss", "valid_loss", "valid_ami"):
+        for metric in ("train_loss", "valid_loss", "valid_ami", "iteration"):
             assert [m.step for m in client.get_metric_history(run_id, metric)] == [1, 2], metric
+        assert [m.value for m in client.get_metric_history(run_id, "stage")] == [1, 1]
         for metric in ("test_loss", "test_ami", "test_ami_last", "test_bce_bound"):
             assert metric in run.data.metrics, metric
         per_step = client.get_metric_history(run_id, "test_ami_step")
         assert sorted(m.step for m in per_step) == list(range(1, STEPS + 1))
         artifacts = {a.path for a in client.list_artifacts(run_id)}
-        assert {"ami_per_step.json", "test_metrics.json", "checkpoint"} <= artifacts
+        assert {"ami_per_step.json", "test_metrics.json", "checkpoint", "evaluations.json", "groupings.png",
+                "groupings-k4-objects3-steps3.png", "groupings-two-shapes.png"} <= artifacts
+        k = trial["cell"]["model.k"]
+        evals = json.loads(Path(client.download_artifacts(run_id, "evaluations.json", str(tmp_path / run_id)))
+                           .read_text())
+        assert [(e["name"], e["k"], e["objects"], e["steps"]) for e in evals] == \
+            [("k4-objects3-steps3", 4, 3, STEPS), ("two-shapes", k, 2, 5)]
+        for e in evals:
+            assert len(e["ami_per_step"]) == len(e["ami_q25_per_step"]) == e["steps"]
+            assert run.data.metrics[f"eval/{e['name']}/ami"] == pytest.approx(e["ami"])
         assert [a.path for a in client.list_artifacts(run_id, "checkpoint")] == ["checkpoint/best.pt"]
         table = json.loads(Path(client.download_artifacts(run_id, "ami_per_step.json", str(tmp_path / run_id)))
                            .read_text())
         assert table["step"] == list(range(1, STEPS + 1))
         assert table["test_ami"] == pytest.approx([m.value for m in sorted(per_step, key=lambda m: m.step)])
+        assert all(lo <= hi for lo, hi in zip(table["test_ami_q25"], table["test_ami_q75"]))
     # Each Tune trial folder holds Tune's checkpoint copies, each with last.pt to resume from.
     folders = sorted((tmp_path / "ray_results" / "tiny").glob("0*"))
     assert len(folders) == 4
@@ -206,13 +218,15 @@ def test_restore_puts_the_checkpoint_back_for_resume(tmp_path):
     from nem_study.study import _restore
 
     saved = tmp_path / "saved"
-    saved.mkdir()
+    (saved / "stage1").mkdir(parents=True)
     (saved / "last.pt").write_bytes(b"last")
     (saved / "best.pt").write_bytes(b"best")
+    (saved / "stage1" / "stage.json").write_text("{}")  # a curriculum's finished stage
     target = tmp_path / "trial" / "checkpoints"
     assert _restore(None, target) is None
-    assert _restore(tune.Checkpoint.from_directory(str(saved)), target) == target / "last.pt"
+    assert _restore(tune.Checkpoint.from_directory(str(saved)), target) == target
     assert (target / "last.pt").read_bytes() == b"last" and (target / "best.pt").read_bytes() == b"best"
+    assert (target / "stage1" / "stage.json").read_text() == "{}"
 
 
 SEARCH = """
@@ -343,11 +357,11 @@ def test_a_resumed_trial_finds_its_parent_its_child_run_and_the_epochs_it_logged
     assert tracking.find_parent(uri, experiment_id, "other") is None
 
     run_id = tracking.start_child(uri, parent, trial.to_json(), trial.config)
-    assert tracking.logged_epochs(uri, run_id) == set()
+    assert tracking.logged_iterations(uri, run_id) == set()
     for epoch in (1, 2):
-        tracking.log_epoch(uri, run_id, {"epoch": epoch, "valid_loss": 1.0 / epoch})
+        tracking.log_epoch(uri, run_id, {"epoch": epoch, "iteration": epoch, "valid_loss": 1.0 / epoch})
     assert tracking.start_child(uri, parent, trial.to_json(), trial.config) == run_id
-    assert tracking.logged_epochs(uri, run_id) == {1, 2}
+    assert tracking.logged_iterations(uri, run_id) == {1, 2}
     tracking.reopen_parent(uri, parent)
     client = mlflow.MlflowClient(uri)
     assert client.get_run(parent).data.tags["nem_study.resumes"] == "1"

@@ -136,3 +136,46 @@ def test_generalisation_specs_keep_the_test_sequences_and_skip_training_data():
     for a, b in zip(data.generate(spec, "test"), data.generate(full, "test")):
         assert np.array_equal(a, b)
     assert test_spec(cfg) is cfg.data
+
+
+NPZ = __import__("pathlib").Path(__file__).resolve().parents[1].parent / "shared" / "data" / "mnist.npz"
+
+
+@pytest.mark.skipif(not NPZ.is_file(), reason=f"{NPZ} not present")
+def test_a_curriculum_trains_stage_after_stage_and_a_resume_skips_finished_stages(tmp_path, monkeypatch):
+    from nem_study import data
+    from nem_study.train import curriculum_stages, fit_curriculum
+
+    monkeypatch.setenv("NEM_MNIST", str(NPZ))
+    cfg = RunConfig(
+        data={"name": "flying_mnist", "frames": 4, "train": 16, "valid": 8, "test": 8, "curriculum": [5, 10]},
+        train={"batch_size": 8, "max_epochs": 2, "patience": 1000, "valid_samples": 8,
+               "checkpoint_dir": str(tmp_path / "ckpt")})
+    assert [s.data.digit_pool for s in curriculum_stages(cfg)] == [5, 10]
+    loaded = []
+
+    def load(spec, split):
+        loaded.append((split, spec.digit_pool))
+        return data.load(spec, split, progress=False)
+
+    reports = []
+    result = fit_curriculum(cfg, load, report=lambda m, d: reports.append((m, d)))
+    assert [(m["stage"], m["epoch"], m["iteration"]) for m, _ in reports] == [(1, 1, 1), (1, 2, 2), (2, 1, 3), (2, 2, 4)]
+    assert {d for _, d in reports} == {tmp_path / "ckpt"}          # Tune checkpoints the whole folder
+    assert ("train", 5) in loaded and ("train", 10) in loaded and ("test", 10) in loaded
+    assert result["epochs"] == 4 and [s["digit_pool"] for s in result["stages"]] == [5]
+    assert result["checkpoint"] == str(tmp_path / "ckpt" / "stage2" / "best.pt") and "test_ami" in result
+    # Stage 2 started from stage 1's best weights: its first epoch beats a fresh start's first epoch.
+    assert reports[2][0]["train_loss"] < reports[0][0]["train_loss"]
+
+    # A restart inside stage 2 (its last.pt gone: it died in its first epoch) skips stage 1.
+    (tmp_path / "ckpt" / "stage2" / "last.pt").unlink()
+    reports.clear()
+    again = fit_curriculum(cfg, load, report=lambda m, d: reports.append((m, d)), resume=tmp_path / "ckpt")
+    assert [(m["stage"], m["iteration"]) for m, _ in reports] == [(2, 3), (2, 4)]
+    assert again["epochs"] == 4
+
+
+def test_curriculum_is_for_flying_mnist_only():
+    with pytest.raises(Exception, match="flying_mnist only"):
+        RunConfig(data={"name": "flying_shapes", "curriculum": [20, 500]})
