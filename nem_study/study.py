@@ -128,7 +128,7 @@ def trial_dirname(trial: TrialSpec) -> str:
     return f"{trial.index:03d}_" + _safe(trial.name)
 
 
-def _start_ray(address: str | None, num_cpus: int | None) -> None:
+def _start_ray(address: str | None, num_cpus: int | None, num_gpus: int | None = None) -> None:
     import ray
 
     if address:
@@ -142,7 +142,7 @@ def _start_ray(address: str | None, num_cpus: int | None) -> None:
             num_cpus = int(os.environ[CPUS_ENV])
         except ValueError:
             raise InputError(f"${CPUS_ENV}={os.environ[CPUS_ENV]!r}: expected a number of CPUs") from None
-    ray.init(num_cpus=num_cpus, include_dashboard=False)
+    ray.init(num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=False)
 
 
 @dataclass
@@ -235,7 +235,8 @@ def _scheduler(study: StudyConfig, trials: list[TrialSpec]) -> Any:
     max_t = max(t.config.train.max_epochs * len(t.config.data.curriculum or [None]) for t in trials)
     return ASHAScheduler(time_attr="iteration", metric="valid_loss", mode="min", max_t=max_t,
                          grace_period=study.scheduler.grace_period,
-                         reduction_factor=study.scheduler.reduction_factor)
+                         reduction_factor=study.scheduler.reduction_factor,
+                         stop_last_trials=False)  # a trial at max_t still ends itself, with its test
 
 
 def _result_name(trials: list[TrialSpec], study: StudyConfig, result: Any) -> str:
@@ -250,12 +251,13 @@ def _safe(name: str) -> str:
 
 
 def run_study(study: StudyConfig, study_yaml: str | Path, address: str | None = None,
-              num_cpus: int | None = None, verbose: int = 1, resume: bool = False) -> StudyResult:
+              num_cpus: int | None = None, verbose: int = 1, resume: bool = False,
+              num_gpus: int | None = None) -> StudyResult:
     """Run every trial of ``study``; return what finished, what failed and the best test AMI.
 
     ``address``: an existing Ray cluster (``auto`` or ``HOST:PORT``); otherwise a local Ray
-    with ``num_cpus`` (default ``$NEM_RAY_CPUS``, else all CPUs). A Ray instance already
-    started in this process is used as it is.
+    with ``num_cpus`` (default ``$NEM_RAY_CPUS``, else all CPUs) and ``num_gpus`` (default:
+    those Ray detects). A Ray instance already started in this process is used as it is.
 
     ``resume``: continue a study whose driver died, from its Tune state in ``storage`` and
     under its latest MLflow parent run; its trials keep their child runs.
@@ -281,7 +283,7 @@ def run_study(study: StudyConfig, study_yaml: str | Path, address: str | None = 
 
     started_ray = not ray.is_initialized()
     if started_ray:
-        _start_ray(address, num_cpus)
+        _start_ray(address, num_cpus, num_gpus)
     rows = []
     try:
         if parent_run_id is None:

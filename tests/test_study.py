@@ -85,6 +85,24 @@ def test_a_nonfinite_trial_fails_with_its_reason_and_the_others_finish(tmp_path)
     assert "test_ami" not in bad.data.metrics
 
 
+def test_four_quarter_gpu_trials_share_one_logical_gpu_at_the_same_time(tmp_path):
+    """One logical GPU declared to Ray (no real one needed), resources.gpu 0.25: 4 trials at once.
+
+    Each trial's MLflow run opens when it starts and closes when it ends; all four intervals
+    must overlap. Through the CLI, with its own local Ray of 4 logical CPUs.
+    """
+    path = study_yaml(tmp_path, "  model.k: [2, 3]", max_epochs=25,
+                      extra="resources: {cpu: 0.5, gpu: 0.25}\n")
+    r = cli("run", str(path), "--num-cpus", "2", "--num-gpus", "1", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    parent_run_id = json.loads(r.stdout.strip().splitlines()[-1])["parent_run_id"]
+    runs = list(runs_by_name(tmp_path, parent_run_id).values())
+    assert len(runs) == 4 and all(run.info.status == "FINISHED" for run in runs)
+    last_start = max(run.info.start_time for run in runs)
+    first_end = min(run.info.end_time for run in runs)
+    assert last_start < first_end, "the four trials did not all run at the same time"
+
+
 def test_four_trials_are_four_child_runs_under_one_parent(tmp_path, local_ray):
     from nem_study.study import run_study
 
@@ -153,6 +171,24 @@ def test_four_trials_are_four_child_runs_under_one_parent(tmp_path, local_ray):
     for folder in folders:
         assert (folder / "checkpoints" / "best.pt").is_file()
         assert any((c / "last.pt").is_file() for c in folder.glob("checkpoint_*"))
+
+
+def test_asha_stops_the_trial_whose_validation_loss_lags(tmp_path, local_ray):
+    """Two trials, one at a learning rate too small to move: ASHA keeps the better half at the
+    first rung, so the second trial (run after the first on one CPU) stops after 1 epoch."""
+    from nem_study.study import run_study
+
+    path = study_yaml(tmp_path, "  train.lr: [0.01, 1.0e-9]", seeds=1, max_epochs=4,
+                      extra="scheduler: {grace_period: 1, reduction_factor: 2}\n")
+    result = run_study(load_study_config(path), path, verbose=0)
+    assert result.finished == ["lr=0.01,seed=0"] and result.stopped == ["lr=1e-09,seed=0"] and not result.failed
+    runs = runs_by_name(tmp_path, result.parent_run_id)
+    good, stopped = runs["lr=0.01,seed=0"], runs["lr=1e-09,seed=0"]
+    assert good.info.status == "FINISHED" and good.data.metrics["epochs"] == 4
+    assert stopped.info.status == "KILLED" and "scheduler" in stopped.data.tags["stop_reason"]
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    assert len(client.get_metric_history(stopped.info.run_id, "valid_loss")) < 4
+    assert "test_ami" not in stopped.data.metrics
 
 
 def test_a_killed_trial_restarts_from_its_last_checkpoint(tmp_path, local_ray):
