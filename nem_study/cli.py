@@ -98,6 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="CPUs of the local Ray (default: $NEM_RAY_CPUS, else all)")
     r.add_argument("--num-gpus", type=int, metavar="N",
                    help="GPUs of the local Ray (default: the GPUs torch/Ray detect)")
+    r.add_argument("--mnist", help=mnist_help + "; flying MNIST data are generated before any trial")
     r.add_argument("--dry-run", action="store_true", help="print the trials and exit")
 
     s = sub.add_parser("resume", help="continue a study whose driver was interrupted",
@@ -111,6 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="CPUs of the local Ray (default: $NEM_RAY_CPUS, else all)")
     s.add_argument("--num-gpus", type=int, metavar="N",
                    help="GPUs of the local Ray (default: the GPUs torch/Ray detect)")
+    s.add_argument("--mnist", help=mnist_help + "; flying MNIST data are generated before any trial")
 
     rp = sub.add_parser("report", help="tables and figures of a study, from MLflow",
                         description="Read every trial of a study from MLflow and write its report: a table "
@@ -235,7 +237,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from nem_study.study import run_study
 
     result = run_study(study, args.study, address=args.address, num_cpus=args.num_cpus,
-                       num_gpus=args.num_gpus, resume=args.command == "resume")
+                       num_gpus=args.num_gpus, mnist_path=args.mnist, resume=args.command == "resume")
     stopped = f", {len(result.stopped)} stopped early by ASHA" if result.stopped else ""
     print(f"\nstudy {study.name!r}: {len(result.finished)} trial(s) finished, {len(result.failed)} failed{stopped} "
           f"(MLflow parent run {result.parent_run_id}, {study.tracking.uri}, experiment {study.experiment!r})")

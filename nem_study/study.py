@@ -250,9 +250,29 @@ def _safe(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.=,-]", "_", name)[:100]
 
 
+def prepare_data(study: StudyConfig, trials: list[TrialSpec], mnist_path: str | None = None) -> None:
+    """Generate every data set the trials and their evaluations read (curriculum stages too).
+
+    A missing MNIST is then one clear error before any trial starts, not a failure per trial.
+    """
+    from nem_study import data
+    from nem_study.evaluate import test_spec
+    from nem_study.train import curriculum_stages
+
+    specs = {}
+    for trial in trials:
+        for stage in curriculum_stages(trial.config):
+            specs[stage.data.model_dump_json()] = stage.data
+        for ev in study.evaluations:
+            spec = test_spec(trial.config, ev.objects, ev.steps)
+            specs[spec.model_dump_json()] = spec
+    for spec in specs.values():
+        data.ensure(spec, mnist_path=mnist_path)
+
+
 def run_study(study: StudyConfig, study_yaml: str | Path, address: str | None = None,
               num_cpus: int | None = None, verbose: int = 1, resume: bool = False,
-              num_gpus: int | None = None) -> StudyResult:
+              num_gpus: int | None = None, mnist_path: str | None = None) -> StudyResult:
     """Run every trial of ``study``; return what finished, what failed and the best test AMI.
 
     ``address``: an existing Ray cluster (``auto`` or ``HOST:PORT``); otherwise a local Ray
@@ -280,6 +300,8 @@ def run_study(study: StudyConfig, study_yaml: str | Path, address: str | None = 
         if parent_run_id is None:
             raise InputError(f"study {study.name!r}: no parent run in MLflow experiment {study.experiment!r} "
                              f"at {uri} to resume under")
+
+    prepare_data(study, trials, mnist_path)  # once, here: trials then only read the cache
 
     started_ray = not ray.is_initialized()
     if started_ray:

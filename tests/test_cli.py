@@ -26,7 +26,8 @@ def assert_clean_error(r: subprocess.CompletedProcess, *needles: str) -> None:
         assert needle in r.stderr, (needle, r.stderr)
 
 
-@pytest.mark.parametrize("args", [[], ["train"], ["evaluate"], ["data"], ["data", "generate"], ["data", "show"]])
+@pytest.mark.parametrize("args", [[], ["train"], ["evaluate"], ["data"], ["data", "generate"], ["data", "show"],
+                                  ["validate"], ["run"], ["resume"], ["report"]])
 def test_every_command_has_help(args):
     r = cli(*args, "--help")
     assert r.returncode == 0 and "usage: nem-study" in r.stdout
@@ -111,3 +112,17 @@ def test_train_then_evaluate_generalisation_end_to_end(tmp_path):
     assert (tmp_path / "p.png").stat().st_size > 1000
     ev = json.loads(r.stdout)
     assert ev["test"]["static"] is True and ev["n"] == 8 and len(ev["ami_per_step"]) == 5
+
+
+def test_a_flying_mnist_study_without_mnist_stops_before_any_trial(tmp_path):
+    missing = tmp_path / "mnist.npz"
+    study = tmp_path / "study.yaml"
+    study.write_text(f"""
+name: no-mnist
+base:
+  data: {{name: flying_mnist, train: 8, valid: 8, test: 8, curriculum: [5, 10]}}
+tracking: {{uri: sqlite:///{tmp_path / 'mlflow.db'}, artifact_location: {tmp_path / 'art'}}}
+storage: {tmp_path / 'ray'}
+""")
+    assert_clean_error(cli("run", str(study), "--mnist", str(missing)), str(missing))
+    assert not (tmp_path / "ray").exists()   # no trial started
