@@ -18,8 +18,10 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/pip install --quiet -e ".[test]"
 	touch $@
 
+# The main job: a small study on a local Ray (MLflow in ./mlflow.db), then its report in reports/quickstart/.
 quickstart: install
-	$(BIN)/nem-study train studies/runs/quickstart.yaml --out runs/quickstart
+	$(BIN)/nem-study run studies/quickstart.yaml
+	$(BIN)/nem-study report studies/quickstart.yaml
 
 test: install
 	$(BIN)/python -m pytest

@@ -4,6 +4,9 @@ One step = forward over all EM steps, backward, Adam update, on random binary / 
 batch 64, T = 20 (static data: 15 EM steps). Prints the median over repeats.
 
     .venv/bin/python bench/bench_train.py [--repeats 5] [--threads 2] [--batch 64]
+
+Each network runs in fp32 and with bf16 autocast (``train.precision: bf16``; the likelihoods,
+E-step and loss stay fp32), alternating in the same process; the last column is the ratio.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ import torch
 
 from nem_study.config import RunConfig
 from nem_study.model import NEM
-from nem_study.train import corrupt, to_steps
+from nem_study.train import autocast, corrupt, to_steps
 
 SETUPS = {
     "static shapes, N-EM": {"data": {"name": "static_shapes"}, "model": {"kind": "nem"}},
@@ -28,7 +31,7 @@ SETUPS = {
 }
 
 
-def step_time(cfg: RunConfig, batch: int, repeats: int) -> list[float]:
+def step_time(cfg: RunConfig, batch: int, repeats: int, precision: str = "fp32") -> list[float]:
     torch.manual_seed(0)
     model = NEM(cfg.model, cfg.data.image_size)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.train.lr)
@@ -41,7 +44,8 @@ def step_time(cfg: RunConfig, batch: int, repeats: int) -> list[float]:
     for i in range(repeats + 1):  # the first step warms up
         t0 = time.perf_counter()
         inputs, targets = to_steps(frames, cfg.steps, cfg.data.is_static)
-        out = model(corrupt(inputs, cfg.noise, gen), targets, generator=gen)
+        with autocast(torch.device("cpu"), precision):
+            out = model(corrupt(inputs, cfg.noise, gen), targets, generator=gen)
         opt.zero_grad(set_to_none=True)
         out.loss.backward()
         opt.step()
@@ -60,12 +64,17 @@ def main() -> None:
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
           f"torch threads {args.threads}; torch {torch.__version__}, python {platform.python_version()}")
     print(f"batch {args.batch}, median of {args.repeats} steps after one warm-up step\n")
-    print("| network | K | steps | s / step (median) | sequences / s |")
-    print("|---|---|---|---|---|")
+    print("| network | K | steps | fp32 s / step | fp32 sequences / s | bf16 autocast sequences / s | bf16 / fp32 |")
+    print("|---|---|---|---|---|---|---|")
     for name, setup in SETUPS.items():
         cfg = RunConfig.model_validate(setup)
-        t = statistics.median(step_time(cfg, args.batch, args.repeats))
-        print(f"| {name} | {cfg.model.k} | {cfg.steps} | {t:.3f} | {args.batch / t:.1f} |", flush=True)
+        times = {"fp32": [], "bf16": []}
+        for _ in range(args.repeats):  # alternate, so that the machine's drift hits both alike
+            for precision in times:
+                times[precision] += step_time(cfg, args.batch, 1, precision)
+        fp32, bf16 = (statistics.median(times[p]) for p in ("fp32", "bf16"))
+        print(f"| {name} | {cfg.model.k} | {cfg.steps} | {fp32:.3f} | {args.batch / fp32:.1f} | "
+              f"{args.batch / bf16:.1f} | {fp32 / bf16:.2f}x |", flush=True)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,110 @@
+"""Ray Tune + MLflow overhead per trial: a study of N trials against the same trials run directly.
+
+    python bench/bench_study_overhead.py                  # 4 trials of ~1 minute, 2 at a time
+    python bench/bench_study_overhead.py --trials 4 --epochs 2 --processes 2
+
+Both sides run the same N run configs (flying shapes, K = 3, small data, fixed epochs, one
+thread each) with the same number of processes at a time:
+
+- direct: ``fit_curriculum`` in a process pool of ``--processes`` workers, nothing else;
+- study:  ``nem-study run`` semantics (``run_study``): a local Ray with ``--processes`` CPUs,
+  one CPU per trial, every epoch reported to Tune with its checkpoint and logged to MLflow
+  (SQLite), evaluations none, final artifacts (checkpoint, tables, the groupings panel).
+
+Overhead = (study wall time - direct wall time) / direct wall time, and per trial:
+(study - direct) x processes / trials. Ray's start-up is inside the study's wall time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing as mp
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def study_dict(root: Path, trials: int, epochs: int) -> dict:
+    return {
+        "name": "overhead",
+        "base": {"data": {"name": "flying_shapes", "train": 512, "valid": 128, "test": 256},
+                 "train": {"valid_samples": 128, "patience": 1000, "threads": 1}},
+        "grid": {"train.lr": [1e-3 * (1 + i / 10) for i in range(trials)]},
+        "seeds": 1,
+        "stop": {"max_epochs": epochs},
+        "tracking": {"uri": f"sqlite:///{root / 'mlflow.db'}", "artifact_location": str(root / "mlartifacts")},
+        "storage": str(root / "ray_results"),
+        "max_failures": 0,
+    }
+
+
+def direct_trial(config_json: dict) -> float:
+    import torch
+
+    from nem_study import data
+    from nem_study.config import RunConfig
+    from nem_study.train import fit_curriculum
+
+    torch.set_num_threads(1)
+    cfg = RunConfig.model_validate(config_json)
+    return fit_curriculum(cfg, lambda spec, split: data.load(spec, split, progress=False))["test_ami"]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--trials", type=int, default=4)
+    p.add_argument("--epochs", type=int, default=2, help="epochs per trial (~35 s each on one core)")
+    p.add_argument("--processes", type=int, default=2)
+    args = p.parse_args()
+
+    from nem_study import data
+    from nem_study.config import StudyConfig, expand_trials
+    from nem_study.study import run_study
+
+    import mlflow
+    import ray
+    import torch
+
+    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs; torch {torch.__version__}, "
+          f"ray {ray.__version__}, mlflow {mlflow.__version__}, python {platform.python_version()}")
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        os.environ["NEM_DATA_DIR"] = str(root / "data")
+        study = StudyConfig.model_validate(study_dict(root, args.trials, args.epochs))
+        trials = expand_trials(study)
+        for t in trials:  # data generated once, outside both timings
+            data.ensure(t.config.data, progress=False)
+
+        configs = []
+        for t in trials:
+            cfg = t.config.model_copy(deep=True)
+            cfg.train.checkpoint_dir = str(root / "direct" / t.name)   # both sides write checkpoints
+            configs.append(cfg.model_dump(mode="json"))
+        t0 = time.perf_counter()
+        with mp.get_context("spawn").Pool(args.processes) as pool:
+            pool.map(direct_trial, configs, chunksize=1)
+        direct = time.perf_counter() - t0
+        print(f"direct: {args.trials} trials, {args.processes} at a time: {direct:.1f} s", flush=True)
+
+        yaml_path = root / "study.yaml"
+        yaml_path.write_text("# written by bench_study_overhead.py\n")
+        t0 = time.perf_counter()
+        result = run_study(study, yaml_path, num_cpus=args.processes, verbose=0)
+        studied = time.perf_counter() - t0
+        assert len(result.finished) == args.trials, result
+        print(f"study:  {args.trials} trials on Ray Tune + MLflow, {args.processes} at a time: {studied:.1f} s")
+
+    per_trial = (studied - direct) * args.processes / args.trials
+    print(f"\n| trials | epochs each | processes | direct | study (Ray Tune + MLflow) | overhead | per trial |")
+    print("|---|---|---|---|---|---|---|")
+    print(f"| {args.trials} | {args.epochs} | {args.processes} | {direct:.1f} s | {studied:.1f} s | "
+          f"{100 * (studied - direct) / direct:+.1f} % | {per_trial:+.1f} s of {direct * args.processes / args.trials:.0f} s |")
+
+
+if __name__ == "__main__":
+    main()
