@@ -36,7 +36,6 @@ STUDY_TAG = "nem_study.study"
 KIND_TAG = "nem_study.kind"
 CELL_TAG = "nem_study.cell"
 CURVES = ("valid_loss", "valid_ami")   # the per-epoch histories the report draws
-_EVAL_NAME = re.compile(r"k(?P<k>\d+)-objects(?P<objects>\d+)-steps(?P<steps>\d+)(?P<static>-static)?$")
 
 
 @dataclass
@@ -206,19 +205,13 @@ def _row(client, run, tmp: Path) -> dict[str, Any]:
 
 
 def _evaluations(logged: Any, metrics: dict[str, float]) -> list[dict[str, Any]]:
-    """The run's generalisation tests: ``evaluations.json`` where logged, else what the
-    ``eval/<name>/...`` metrics and a default-style name (``k5-objects3-steps20``) tell."""
+    """The run's generalisation tests: ``evaluations.json`` where logged (with the K, object
+    count and steps each ran with), else only what the ``eval/<name>/...`` metrics tell."""
     if isinstance(logged, list):
         return [e for e in logged if isinstance(e, dict) and "name" in e]
     names = sorted({key.split("/")[1] for key in metrics if key.startswith("eval/") and key.count("/") == 2})
-    out = []
-    for name in names:
-        match = _EVAL_NAME.match(name)
-        spec = {"k": int(match["k"]), "objects": int(match["objects"]), "steps": int(match["steps"]),
-                "static": bool(match["static"])} if match else {}
-        out.append({"name": name, **spec, **{key: metrics.get(f"eval/{name}/{key}", math.nan)
-                                             for key in ("ami", "ami_last", "bce_bound")}})
-    return out
+    return [{"name": name, **{key: metrics.get(f"eval/{name}/{key}", math.nan)
+                              for key in ("ami", "ami_last", "bce_bound")}} for name in names]
 
 
 def _load_json(client, run_id: str, path: str, artifacts: set[str], tmp: Path) -> Any:

@@ -12,6 +12,7 @@ Layout of the folder:
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import sys
@@ -39,6 +40,7 @@ def make_report(study: str, tracking_uri: str | None = None, out: str | Path | N
     ``echo`` gets one progress line per step. Raises ``ReportError`` for a study, run or
     tracking store that cannot be found.
     """
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one line per step is enough
     found, client = find_study(study, tracking_uri)
     echo(f"study {found.name!r}: parent run {found.parent_run_id}, experiment {found.experiment!r} at {found.uri}")
     runs = collect_runs(found, client)

@@ -212,7 +212,7 @@ def print_trials(study_path: str, study, trials) -> None:
         print(f"  ASHA on valid_loss: grace period {study.scheduler.grace_period} epoch(s), "
               f"reduction factor {study.scheduler.reduction_factor:g}")
     if study.evaluations and trials:
-        print("  evaluations after training: " + ", ".join(e.label(trials[0].config) for e in study.evaluations))
+        print("  evaluations after training: " + ", ".join(e.label for e in study.evaluations))
     for t in trials:
         print(f"  {t.index:>4}  {t.name if study.search is None else cell_name(t.cell) or '(no grid)'}")
 

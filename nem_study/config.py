@@ -260,20 +260,24 @@ class EvaluationConfig(Strict):
     """One generalisation test run on each trial's best network after training (NEM_SPEC.md §5)."""
 
     name: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$",
-                             description="metric prefix eval/<name>/ (default from the fields, e.g. k5-objects3-steps20)")
+                             description="metric prefix eval/<name>/ (default from the fields set, e.g. k5-objects3, steps50)")
     k: int | None = Field(None, ge=1, le=64, description="components at test time (default: the trained K)")
     objects: int | None = Field(None, ge=1, le=9, description="objects per image (default: as trained)")
     steps: int | None = Field(None, ge=1, description="time / EM steps (default: as trained; 50 for Figure 6)")
     static: bool = Field(False, description="repeat each first frame for every step (static transfer)")
     n: int | None = Field(None, ge=1, description="test sequences (default: train.test_samples, else all)")
 
-    def label(self, cfg: RunConfig) -> str:
-        """The metric prefix: ``name``, or the resolved test setting like ``k5-objects3-steps20``."""
+    @property
+    def label(self) -> str:
+        """The metric prefix: ``name``, or the fields set, like ``k5-objects3`` or ``static-steps50``.
+
+        The same in every grid cell, so that a report can put it in one column.
+        """
         if self.name:
             return self.name
-        steps = self.steps or cfg.steps
-        return f"k{self.k or cfg.model.k}-objects{self.objects or cfg.data.objects}-steps{steps}" + \
-            ("-static" if self.static else "")
+        parts = ["static" if self.static else "", f"k{self.k}" if self.k else "",
+                 f"objects{self.objects}" if self.objects else "", f"steps{self.steps}" if self.steps else ""]
+        return "-".join(p for p in parts if p) or "as-trained"
 
 
 class SchedulerConfig(Strict):

@@ -100,7 +100,7 @@ def run_evaluations(study: StudyConfig, cfg: RunConfig, checkpoint: str | None, 
     generalisation(checkpoint, n=1, panel=str(trial_dir / "groupings.png"))
     results = []
     for ev in study.evaluations:
-        label = ev.label(cfg)
+        label = ev.label
         result = generalisation(checkpoint, k=ev.k, objects=ev.objects, steps=ev.steps, static=ev.static,
                                 n=ev.n, panel=str(trial_dir / f"groupings-{label}.png"))
         results.append({"name": label, "k": result["k"], "objects": result["test"]["objects"],
