@@ -85,6 +85,9 @@ def build_parser() -> argparse.ArgumentParser:
                        "Reports every problem at once with its place in the YAML (exit 2), else the "
                        "trials it would launch.")
     v.add_argument("study", help="study YAML (see studies/)")
+    v.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a study key, e.g. --set tracking.uri=http://mlflow:5000 --set "
+                   "storage=/shared/ray_results (repeatable; resume needs the same ones)")
 
     r = sub.add_parser("run", help="run a study: its trials on Ray Tune, tracked in MLflow",
                        description="Run every trial of a study (grid cells x seeds) on Ray Tune, each "
@@ -92,6 +95,9 @@ def build_parser() -> argparse.ArgumentParser:
                        "store first; ends with a summary (trials finished / failed, best test AMI "
                        "per grid cell).")
     r.add_argument("study", help="study YAML (see studies/)")
+    r.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a study key, e.g. --set tracking.uri=http://mlflow:5000 --set "
+                   "storage=/shared/ray_results (repeatable; resume needs the same ones)")
     r.add_argument("--address", metavar="auto|HOST:PORT",
                    help="an existing Ray cluster (default: start a local Ray for this run)")
     r.add_argument("--num-cpus", type=int, metavar="N",
@@ -106,6 +112,9 @@ def build_parser() -> argparse.ArgumentParser:
                        "study's storage folder: finished trials stay, the others go on from their last "
                        "checkpoint, each in its own MLflow child run, under the study's latest parent run.")
     s.add_argument("study", help="the study YAML it was started with")
+    s.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a study key, e.g. --set tracking.uri=http://mlflow:5000 --set "
+                   "storage=/shared/ray_results (repeatable; resume needs the same ones)")
     s.add_argument("--address", metavar="auto|HOST:PORT",
                    help="an existing Ray cluster (default: start a local Ray)")
     s.add_argument("--num-cpus", type=int, metavar="N",
@@ -220,7 +229,7 @@ def print_trials(study_path: str, study, trials) -> None:
 def cmd_validate(args: argparse.Namespace) -> int:
     from nem_study.config import expand_trials, load_study_config
 
-    study = load_study_config(args.study)
+    study = load_study_config(args.study, args.overrides)
     print_trials(args.study, study, expand_trials(study))
     return 0
 
@@ -229,7 +238,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     """``run`` and ``resume``."""
     from nem_study.config import cell_name, expand_trials, load_study_config
 
-    study = load_study_config(args.study)
+    study = load_study_config(args.study, args.overrides)
     trials = expand_trials(study)
     print_trials(args.study, study, trials)
     if getattr(args, "dry_run", False):

@@ -298,8 +298,16 @@ class StopConfig(Strict):
 class TrackingConfig(Strict):
     uri: str = Field("sqlite:///mlflow.db", min_length=1, description="MLflow tracking URI")
     experiment: str | None = Field(None, min_length=1, description="MLflow experiment (default: the study name)")
-    artifact_location: str = Field("./mlartifacts", min_length=1,
-                                   description="where a new experiment stores artifacts")
+    artifact_location: str | None = Field(
+        None, min_length=1, description="where a new experiment stores artifacts (default: ./mlartifacts "
+        "for a local store; an MLflow server's own artifact store for http(s) URIs)")
+
+    @property
+    def artifacts(self) -> str | None:
+        """The artifact location a new experiment gets (None: the tracking server decides)."""
+        if self.artifact_location is None and not self.uri.startswith(("http://", "https://")):
+            return "./mlartifacts"
+        return self.artifact_location
 
 
 class SpaceConfig(Strict):
@@ -566,9 +574,9 @@ def sampled_name(trial: TrialSpec, sample: int) -> str:
     return ",".join(filter(None, [cell_name(trial.cell), f"sample={sample}"]))
 
 
-def load_study_config(path: str | Path) -> StudyConfig:
-    """Read and validate a study YAML; every problem in one InputError."""
-    raw = read_yaml(path)
+def load_study_config(path: str | Path, overrides: list[str] | None = None) -> StudyConfig:
+    """Read and validate a study YAML (``--set`` overrides applied); every problem in one InputError."""
+    raw = apply_overrides(read_yaml(path), overrides or [])
     try:
         return StudyConfig.model_validate(raw)
     except ValidationError as e:

@@ -208,7 +208,7 @@ def _tuner(study: StudyConfig, trials: list[TrialSpec], experiment: _Experiment,
         parent_run_id=parent_run_id, data_dir=str(data.data_dir().resolve()),
         threads=max(1, int(study.resources.cpu)))
     trainable = tune.with_resources(trainable, {"cpu": study.resources.cpu, "gpu": study.resources.gpu})
-    path = Path(study.storage).resolve() / experiment.name
+    path = _join(storage_path(study), experiment.name)
     if resume and tune.Tuner.can_restore(path):
         # Finished trials stay as they are; unfinished and errored ones go on from their last
         # checkpoint, in their own folders, so they re-attach to their own MLflow child runs.
@@ -220,7 +220,7 @@ def _tuner(study: StudyConfig, trials: list[TrialSpec], experiment: _Experiment,
             search_alg=experiment.search_alg, num_samples=experiment.num_samples, scheduler=_scheduler(study, trials),
             trial_name_creator=experiment.trial_name, trial_dirname_creator=experiment.trial_dirname),
         run_config=tune.RunConfig(
-            name=experiment.name, storage_path=str(Path(study.storage).resolve()), verbose=verbose,
+            name=experiment.name, storage_path=storage_path(study), verbose=verbose,
             failure_config=tune.FailureConfig(max_failures=study.max_failures),
             checkpoint_config=tune.CheckpointConfig(num_to_keep=CHECKPOINTS_KEPT)))
 
@@ -244,6 +244,15 @@ def _result_name(trials: list[TrialSpec], study: StudyConfig, result: Any) -> st
     if study.search is None:
         return trial.name
     return sampled_name(trial, int(Path(result.path).name.split("_", 1)[0]))  # the folder: <sample>_<name>
+
+
+def storage_path(study: StudyConfig) -> str:
+    """Where Tune keeps the study: a local folder (made absolute) or a URI such as ``s3://b/x``."""
+    return study.storage if tracking.has_scheme(study.storage) else str(Path(study.storage).resolve())
+
+
+def _join(storage: str, name: str) -> str:
+    return storage.rstrip("/") + "/" + name
 
 
 def _safe(name: str) -> str:
@@ -287,13 +296,13 @@ def run_study(study: StudyConfig, study_yaml: str | Path, address: str | None = 
 
     trials = expand_trials(study)
     experiments = _experiments(study, trials)
-    storage = Path(study.storage).resolve()
-    if resume and not any(tune.Tuner.can_restore(storage / e.name) for e in experiments):
-        raise InputError(f"study {study.name!r}: nothing to resume in {storage / experiments[0].name} "
+    storage = storage_path(study)
+    if resume and not any(tune.Tuner.can_restore(_join(storage, e.name)) for e in experiments):
+        raise InputError(f"study {study.name!r}: nothing to resume in {_join(storage, experiments[0].name)} "
                          "(no Tune experiment state there; start the study with `nem-study run`)")
     uri = tracking.resolve_uri(study.tracking.uri)
     tracking.ensure_reachable(uri)  # before any trial starts
-    experiment_id = tracking.get_experiment(uri, study.experiment, study.tracking.artifact_location)
+    experiment_id = tracking.get_experiment(uri, study.experiment, study.tracking.artifacts)
     parent_run_id = None
     if resume:
         parent_run_id = tracking.find_parent(uri, experiment_id, study.name)

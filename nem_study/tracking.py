@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -24,11 +25,17 @@ PARENT_TAG = "mlflow.parentRunId"    # what the MLflow UI nests child runs by
 DESCRIPTIVE = {"test_n", "test_k", "test_steps", "test_static"}
 
 
+def has_scheme(uri: str) -> bool:
+    """``s3://b``, ``http://h``, ``mlflow-artifacts:/x``: a URI, not a local path."""
+    return re.match(r"^[A-Za-z][A-Za-z0-9+.-]+:", uri) is not None
+
+
 def resolve_uri(uri: str) -> str:
-    """``sqlite:///mlflow.db`` -> ``sqlite:////abs/mlflow.db``; plain paths -> ``file://`` URIs."""
+    """``sqlite:///mlflow.db`` -> ``sqlite:////abs/mlflow.db``; plain paths -> ``file://`` URIs;
+    any other URI as it is."""
     if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
         return "sqlite:///" + str(Path(uri.removeprefix("sqlite:///")).resolve())
-    if "://" not in uri:
+    if not has_scheme(uri):
         return Path(uri).resolve().as_uri()
     return uri
 
@@ -65,13 +72,13 @@ def ensure_reachable(uri: str, timeout_s: float = 5.0) -> None:
                          f"({type(e).__name__}: {first})") from None
 
 
-def get_experiment(uri: str, name: str, artifact_location: str) -> str:
+def get_experiment(uri: str, name: str, artifact_location: str | None) -> str:
     """The id of experiment ``name``, created (with its artifact folder) if absent."""
     client = _client(uri)
     experiment = client.get_experiment_by_name(name)
     if experiment is not None:
         return experiment.experiment_id
-    return client.create_experiment(name, artifact_location=resolve_uri(artifact_location))
+    return client.create_experiment(name, artifact_location=resolve_uri(artifact_location) if artifact_location else None)
 
 
 def git_commit() -> str | None:
@@ -106,6 +113,7 @@ def start_parent(uri: str, experiment_id: str, study: StudyConfig, study_yaml: s
     if study.search is not None:
         client.log_param(run_id, "search", json.dumps(study.search.model_dump(mode="json"))[:6000])
     client.log_artifact(run_id, str(study_yaml))
+    client.log_dict(run_id, study.model_dump(mode="json"), "study_resolved.yaml")  # with --set overrides
     client.log_dict(run_id, [t.to_json() for t in trials], "trials.json")
     return run_id
 

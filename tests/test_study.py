@@ -122,7 +122,7 @@ def test_four_trials_are_four_child_runs_under_one_parent(tmp_path, local_ray):
     parent = parents[0]
     assert parent.info.status == "FINISHED" and parent.data.params["study"] == "tiny"
     assert parent.data.tags["nem_study.version"]
-    assert {a.path for a in client.list_artifacts(parent.info.run_id)} == {"study.yaml", "trials.json"}
+    assert {a.path for a in client.list_artifacts(parent.info.run_id)} == {"study.yaml", "study_resolved.yaml", "trials.json"}
     trials = json.loads(Path(client.download_artifacts(parent.info.run_id, "trials.json", str(tmp_path))).read_text())
     assert [t["name"] for t in trials] == names
 
@@ -402,3 +402,23 @@ def test_a_resumed_trial_finds_its_parent_its_child_run_and_the_epochs_it_logged
     client = mlflow.MlflowClient(uri)
     assert client.get_run(parent).data.tags["nem_study.resumes"] == "1"
     assert client.get_run(run_id).data.tags["nem_study.restarts"] == "1"
+
+
+def test_uris_pass_through_and_local_paths_become_absolute(tmp_path, monkeypatch):
+    """A cluster's tracking server, its proxied artifact store and bucket storage stay URIs."""
+    from nem_study import tracking
+    from nem_study.config import StudyConfig
+    from nem_study.study import storage_path
+
+    monkeypatch.chdir(tmp_path)
+    assert tracking.resolve_uri("mlflow-artifacts:/x") == "mlflow-artifacts:/x"
+    assert tracking.resolve_uri("s3://bucket/a") == "s3://bucket/a"
+    assert tracking.resolve_uri("sqlite:///m.db") == f"sqlite:///{tmp_path / 'm.db'}"
+    assert tracking.resolve_uri("arts") == (tmp_path / "arts").as_uri()
+    study = StudyConfig.model_validate({"name": "s", "storage": "gs://bucket/runs"})
+    assert storage_path(study) == "gs://bucket/runs"
+    assert storage_path(study.model_copy(update={"storage": "runs"})) == str(tmp_path / "runs")
+    # An MLflow server keeps artifacts in its own store unless the study names one.
+    assert study.tracking.artifacts == "./mlartifacts"
+    server = StudyConfig.model_validate({"name": "s", "tracking": {"uri": "http://mlflow:5000"}})
+    assert server.tracking.artifacts is None
