@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -126,6 +127,21 @@ def _restore(checkpoint: Any, checkpoint_dir: Path) -> Path | None:
 
 def trial_dirname(trial: TrialSpec) -> str:
     return f"{trial.index:03d}_" + _safe(trial.name)
+
+
+def check_address(address: str | None, timeout_s: float = 5.0) -> None:
+    """Fail fast, naming the address, when no Ray cluster answers at ``HOST:PORT``.
+
+    Ray itself waits and retries for minutes before it gives up on an address.
+    """
+    if not address or address == "auto":
+        return  # a local Ray, or the cluster this node belongs to (ray.init finds it or says so)
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    try:
+        socket.create_connection((host or "127.0.0.1", int(port)), timeout=timeout_s).close()
+    except (OSError, ValueError) as e:
+        raise InputError(f"--address {address}: no Ray cluster answers there ({type(e).__name__}: {e}). "
+                         "Start one (ray start --head) or fix the address (HOST:PORT, or auto).") from None
 
 
 def _start_ray(address: str | None, num_cpus: int | None, num_gpus: int | None = None) -> None:
@@ -300,6 +316,7 @@ def run_study(study: StudyConfig, study_yaml: str | Path, address: str | None = 
     if resume and not any(tune.Tuner.can_restore(_join(storage, e.name)) for e in experiments):
         raise InputError(f"study {study.name!r}: nothing to resume in {_join(storage, experiments[0].name)} "
                          "(no Tune experiment state there; start the study with `nem-study run`)")
+    check_address(address)  # before anything is written
     uri = tracking.resolve_uri(study.tracking.uri)
     tracking.ensure_reachable(uri)  # before any trial starts
     experiment_id = tracking.get_experiment(uri, study.experiment, study.tracking.artifacts)

@@ -126,3 +126,14 @@ storage: {tmp_path / 'ray'}
 """)
     assert_clean_error(cli("run", str(study), "--mnist", str(missing)), str(missing))
     assert not (tmp_path / "ray").exists()   # no trial started
+
+
+def test_an_unreachable_ray_address_is_a_clear_error_before_anything_is_written(tmp_path):
+    study = tmp_path / "study.yaml"
+    study.write_text(f"""
+name: nowhere
+tracking: {{uri: sqlite:///{tmp_path / 'mlflow.db'}, artifact_location: {tmp_path / 'art'}}}
+storage: {tmp_path / 'ray'}
+""")
+    assert_clean_error(cli("run", str(study), "--address", "127.0.0.1:1"), "--address 127.0.0.1:1", "no Ray cluster")
+    assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "ray").exists()
