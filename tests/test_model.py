@@ -169,3 +169,32 @@ def test_up_conv_equals_upsample_then_same_padded_conv():
     want = torch.autograd.grad((reference * g).sum(), (x, layer.weight, layer.bias))
     for a, b in zip(grads, want):
         assert torch.allclose(a, b, atol=1e-10)
+
+
+@pytest.mark.parametrize("name", ["flying_shapes", "flying_mnist"])
+def test_bf16_autocast_gives_the_fp32_loss_and_gradients_within_tolerance(name):
+    """train.precision = bf16: the same loss within 1e-2 relative, gradients within 5e-2
+    relative (norm of the difference) and pointing the same way (cosine > 0.999)."""
+    from nem_study.train import autocast, corrupt, to_steps
+
+    cfg = cfg_for(name, k=2)
+    S = cfg.data.image_size
+    torch.manual_seed(0)
+    model = NEM(cfg.model, S)
+    frames = torch.rand(4, 6, S, S)
+    frames = frames if cfg.data.grey else (frames > 0.85).float()
+    inputs, targets = to_steps(frames, 5, False)
+    x = corrupt(inputs, cfg.noise, torch.Generator().manual_seed(1))
+    losses, grads = {}, {}
+    for precision in ("fp32", "bf16"):
+        model.zero_grad()
+        with autocast(torch.device("cpu"), precision):
+            out = model(x, targets, generator=torch.Generator().manual_seed(2))
+        out.loss.backward()
+        assert out.loss.dtype == torch.float32
+        losses[precision] = out.loss.item()
+        grads[precision] = torch.cat([p.grad.flatten() for p in model.parameters()])
+    assert losses["bf16"] == pytest.approx(losses["fp32"], rel=1e-2)
+    diff = (grads["bf16"] - grads["fp32"]).norm() / grads["fp32"].norm()
+    cosine = torch.nn.functional.cosine_similarity(grads["bf16"], grads["fp32"], dim=0)
+    assert 0 < diff < 5e-2 and cosine > 0.999, (diff, cosine)   # 0: autocast did not run in bf16
