@@ -101,10 +101,9 @@ def run_evaluations(study: StudyConfig, cfg: RunConfig, checkpoint: str | None, 
     generalisation(checkpoint, n=1, panel=str(trial_dir / "groupings.png"))
     results = []
     for ev in study.evaluations:
-        label = ev.label
         result = generalisation(checkpoint, k=ev.k, objects=ev.objects, steps=ev.steps, static=ev.static,
-                                n=ev.n, panel=str(trial_dir / f"groupings-{label}.png"))
-        results.append({"name": label, "k": result["k"], "objects": result["test"]["objects"],
+                                n=ev.n, panel=str(trial_dir / f"groupings-{ev.label}.png"))
+        results.append({"name": ev.label, "k": result["k"], "objects": result["test"]["objects"],
                         "steps": result["steps"], "static": result["static"]} |
                        {k: result[k] for k in ("n", "ami", "ami_last", "bce_bound", "ami_per_step",
                                                "ami_q25_per_step", "ami_q75_per_step", "bce_per_step")})
@@ -112,7 +111,8 @@ def run_evaluations(study: StudyConfig, cfg: RunConfig, checkpoint: str | None, 
 
 
 def _restore(checkpoint: Any, checkpoint_dir: Path) -> Path | None:
-    """After a restart: put Tune's latest checkpoint back in place; the last.pt to resume from."""
+    """After a restart: put Tune's latest checkpoint folder back in place and return it (the
+    trainer resumes from its last.pt, or from the curriculum stage it had reached)."""
     if checkpoint is None:
         return None
     with checkpoint.as_directory() as restored:
