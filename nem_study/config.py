@@ -404,6 +404,12 @@ class StudyConfig(Strict):
         if study is not None and study.search is not None and study.seeds > 1:
             problems.append(_detail(("seeds",), "seeds", "with `search`, each sampled config is trained once "
                                     "(base.train.seed); use seeds: 1", study.seeds))
+        if study is not None:
+            labels = [e.label for e in study.evaluations]
+            for i, label in enumerate(labels):
+                if label in labels[:i]:
+                    problems.append(_detail(("evaluations", i), "evaluations", f"a second evaluation named "
+                                            f"{label!r}; give one a `name`", label))
         if not problems:
             study._base_raw = copy.deepcopy(base_raw)
             problems += _combination_problems(study)

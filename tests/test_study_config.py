@@ -216,3 +216,13 @@ def test_shipped_studies_are_valid():
 def test_study_commands_have_help(command):
     r = cli(command, "--help")
     assert r.returncode == 0 and f"usage: nem-study {command}" in r.stdout
+
+
+def test_evaluations_get_stable_names_and_a_repeated_name_is_an_error():
+    from nem_study.config import StudyConfig
+
+    study = StudyConfig.model_validate({"name": "s", "evaluations": [
+        {"k": 5, "objects": 3}, {"steps": 50}, {"static": True, "steps": 50}, {"name": "mine", "k": 2}, {}]})
+    assert [e.label for e in study.evaluations] == ["k5-objects3", "steps50", "static-steps50", "mine", "as-trained"]
+    with pytest.raises(ValidationError, match="a second evaluation named 'k5'"):
+        StudyConfig.model_validate({"name": "s", "evaluations": [{"k": 5}, {"k": 5, "n": 100}]})
