@@ -6,6 +6,12 @@ each) form the cluster; a tiny study (two one-CPU trials) is submitted with `ray
 as docker/README.md does. Then: the trials ran on both nodes, every run is in PostgreSQL with
 its artifacts in the server's artifact folder, and the MLflow UI (headless Chromium) lists the
 trial runs under the study's parent run; the screenshot is kept in test-artifacts/.
+
+The same submission also loses a node: once the trial on the second node has checkpointed
+twice, that node's processes are all SIGKILLed (a machine dying). Ray declares the node dead,
+Ray Tune restarts the trial (``max_failures``) on the head from its last checkpoint in the
+shared storage, and the trial's MLflow child run carries on: one run per trial, FINISHED, each
+epoch logged once.
 """
 
 from __future__ import annotations
@@ -34,6 +40,11 @@ BIN = Path(sys.executable).parent
 ARTIFACTS = REPO / "test-artifacts"
 STUDY = "native-cluster"
 TRIALS = ["k=2,seed=0", "k=3,seed=0"]
+EPOCHS = 8  # a few seconds per trial: the second node dies after its trial's second epoch
+# Tune sees the trial fail at once (its connection to the actor is reset), but Ray schedules on
+# the node's CPU until the GCS declares it dead: after this many failed health checks this far
+# apart (Ray's defaults: 5, 3 s). A killed raylet fails each check at once.
+HEALTH_CHECK = {"RAY_health_check_period_ms": "1000", "RAY_health_check_failure_threshold": "3"}
 
 
 def _free_port() -> int:
@@ -90,6 +101,34 @@ def _stop(procs: list[subprocess.Popen]) -> None:
             return
 
 
+def _kill_node(proc: subprocess.Popen) -> set[int]:
+    """SIGKILL a `ray start --block` process and every process of its node, as if the machine died.
+
+    The tree is frozen first (SIGSTOP, until no new process appears) so that nothing it starts
+    in the meantime escapes; returns the pids killed.
+    """
+    frozen: set[int] = set()
+    while new := {proc.pid, *_descendants(proc.pid)} - frozen:
+        for pid in new:
+            try:
+                os.kill(pid, signal.SIGSTOP)
+            except ProcessLookupError:
+                pass
+        frozen |= new
+    for pid in frozen:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    proc.wait(30)
+    return frozen
+
+
+def _checkpoints(trial_dir: Path) -> list[int]:
+    """The indices of the Tune checkpoints persisted in a trial's folder of the shared storage."""
+    return sorted(int(c.name.rpartition("_")[2]) for c in trial_dir.glob("checkpoint_*") if c.is_dir())
+
+
 def _wait(what: str, ready, timeout: float, logs: list[Path]) -> None:
     deadline = time.time() + timeout
     while time.time() < deadline:
@@ -140,7 +179,7 @@ def cluster():
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
     env.update(PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}", OMP_NUM_THREADS="1", RAY_AUTH_MODE="disabled",
                RAY_USAGE_STATS_ENABLED="0", NEM_DATA_DIR=str(shared / "data"),
-               MLFLOW_TRACKING_URI=f"http://127.0.0.1:{mlflow_port}")
+               MLFLOW_TRACKING_URI=f"http://127.0.0.1:{mlflow_port}", **HEALTH_CHECK)
     logs = {name: root / f"{name}.log" for name in ("mlflow", "ray-head", "ray-worker", "job")}
     logs["postgres"] = pg_sock / "postgres.log"  # written by the postgres user
     procs: list[subprocess.Popen] = []
@@ -183,9 +222,10 @@ def cluster():
                            f"--ray-client-server-port={_free_port()}", f"--temp-dir={root / 'r0'}", *common])
         dashboard = f"http://127.0.0.1:{dashboard_port}"
         _wait("the Ray head", lambda: _http_ok(f"{dashboard}/api/version"), 240, [logs["ray-head"]])
-        start("ray-worker", [str(BIN / "ray"), "start", f"--address=127.0.0.1:{gcs_port}",
-                             f"--dashboard-agent-listen-port={_free_port()}", f"--temp-dir={root / 'r1'}", *common])
-        from ray.util.state import list_nodes
+        worker = start("ray-worker", [str(BIN / "ray"), "start", f"--address=127.0.0.1:{gcs_port}",
+                                      f"--dashboard-agent-listen-port={_free_port()}", f"--temp-dir={root / 'r1'}",
+                                      *common])
+        from ray.util.state import list_actors, list_nodes
 
         _wait("the second Ray node",
               lambda: len(list_nodes(address=dashboard, filters=[("state", "=", "ALIVE")])) == 2, 240,
@@ -195,27 +235,56 @@ def cluster():
         (root / "job" / "study.yaml").write_text(f"""
 name: {STUDY}
 base:
-  data: {{name: static_shapes, train: 32, valid: 16, test: 16}}
+  data: {{name: static_shapes, train: 384, valid: 16, test: 16}}
   model: {{em_steps: 3}}
   train: {{batch_size: 16, valid_samples: 16, patience: 1000}}
 grid:
   model.k: [2, 3]
 seeds: 1
 resources: {{cpu: 1, gpu: 0}}
-stop: {{max_epochs: 1}}
+stop: {{max_epochs: {EPOCHS}}}
 tracking: {{uri: "http://127.0.0.1:{mlflow_port}", artifact_location: "mlflow-artifacts:///{STUDY}"}}
 storage: {shared / 'ray_results'}
-max_failures: 0
+max_failures: 1
 """)
-        job = subprocess.run([str(BIN / "ray"), "job", "submit", "--address", dashboard, "--working-dir",
-                              str(root / "job"), "--", "nem-study", "run", "study.yaml", "--address", "auto"],
-                             capture_output=True, text=True, env=env, cwd=root, timeout=900)
-        logs["job"].write_text(job.stdout + job.stderr)
-        yield {"job": job, "dashboard": dashboard, "mlflow": f"http://127.0.0.1:{mlflow_port}",
+        argv = [str(BIN / "ray"), "job", "submit", "--address", dashboard, "--working-dir", str(root / "job"),
+                "--", "nem-study", "run", "study.yaml", "--address", "auto"]
+        submit = start("job", argv)
+
+        # The second node dies mid-trial: once the trial running there (its working folder is in
+        # that node's temp dir) has persisted its second checkpoint. Tune asks for the next epoch
+        # only after it has taken in the previous result, so the first one is then the trial's
+        # latest checkpoint as far as Tune knows.
+        experiment = shared / "ray_results" / STUDY
+        killed: dict = {}
+        deadline = time.time() + 600
+        while submit.poll() is None and time.time() < deadline:
+            on_worker = [d.name for d in (root / "r1").glob(f"session_*/artifacts/*/{STUDY}/working_dirs/*")]
+            if on_worker and max(_checkpoints(experiment / on_worker[0]), default=-1) >= 1:
+                checkpoints = _checkpoints(experiment / on_worker[0])
+                killed = {"trial_dir": on_worker[0], "checkpoints": checkpoints, "at": time.time(),
+                          "pids": _kill_node(worker)}
+                break
+            time.sleep(0.2)
+        try:
+            submit.wait(max(1.0, deadline + 300 - time.time()))
+        except subprocess.TimeoutExpired:
+            pass
+        # The trial actors, dead ones included (their class is Tune's wrap_function.<locals>.ImplicitFunc).
+        trial_actors = [a for a in list_actors(address=dashboard) if a.class_name.endswith("ImplicitFunc")]
+        if killed:
+            print(f"killed the second node {time.time() - killed['at']:.0f} s before the study ended, "
+                  f"trial {killed['trial_dir']} at its checkpoints {killed['checkpoints']}")
+        job = subprocess.CompletedProcess(argv, submit.returncode, logs["job"].read_text(errors="replace"), "")
+        if job.returncode is None:
+            job.returncode, job.stderr = -1, "ray job submit did not end in time"
+        yield {"job": job, "killed": killed, "trial_actors": trial_actors, "dashboard": dashboard,
+               "mlflow": f"http://127.0.0.1:{mlflow_port}",
                "pg": dict(host="127.0.0.1", port=pg_port, user="postgres", dbname="mlflow"),
-               "artifacts": root / "mlartifacts", "logs": logs}
+               "artifacts": root / "mlartifacts", "experiment": experiment, "temp_dirs": [root / "r0", root / "r1"],
+               "logs": logs}
     finally:
-        _stop(procs[::-1])  # the worker, the head, then MLflow
+        _stop(procs[::-1])  # the job's client, the worker (if still there), the head, then MLflow
         if pg_started:
             subprocess.run([*as_postgres, str(pg_bin / "pg_ctl"), "-D", str(pg_data), "-m", "fast", "-w", "stop"],
                            capture_output=True, env=env, cwd=root, timeout=120)
@@ -240,11 +309,61 @@ def test_the_submitted_study_runs_its_trials_on_both_nodes(cluster):
     summary = json.loads(next(line for line in job.stdout.splitlines()[::-1] if line.startswith('{"finished"')))
     assert summary["finished"] == len(TRIALS) and summary["failed"] == 0
 
-    from ray.util.state import list_actors, list_nodes
+    from ray.util.state import list_nodes
 
     nodes = {n.node_id: n.is_head_node for n in list_nodes(address=cluster["dashboard"])}
-    trial_actors = list_actors(address=cluster["dashboard"], filters=[("class_name", "=", "ImplicitFunc")])
-    assert {a.node_id for a in trial_actors} == set(nodes), (trial_actors, nodes)  # one trial on each node
+    trial_actors = cluster["trial_actors"]  # two trials, and the restart of the one whose node died
+    assert len(trial_actors) == 3 and {a.node_id for a in trial_actors} == set(nodes), (trial_actors, nodes)
+
+
+def test_a_trial_whose_node_died_resumed_on_the_head_from_its_checkpoint(cluster):
+    from ray.util.state import list_nodes
+
+    killed = cluster["killed"]
+    assert killed, ("the second node was not killed: the study ended before its trial had two checkpoints\n"
+                    + (cluster["job"].stdout + cluster["job"].stderr)[-4000:])
+    job = cluster["job"]
+    assert job.returncode == 0, (job.stdout + job.stderr)[-6000:]
+    nodes = {n.node_id: n for n in list_nodes(address=cluster["dashboard"])}
+    head = next(i for i, n in nodes.items() if n.is_head_node)
+    worker = next(i for i, n in nodes.items() if not n.is_head_node)
+    assert nodes[worker].state == "DEAD" and nodes[head].state == "ALIVE", nodes
+
+    # Tune's results of the trial (its result.json in the shared storage): the first process ran
+    # on the killed node up to some epoch m >= 2; the second one, on the head, went on from the
+    # checkpoint Tune had (epoch >= 2), not from epoch 1, to the last epoch.
+    trial_dir = cluster["experiment"] / killed["trial_dir"]
+    rows = [json.loads(line) for line in (trial_dir / "result.json").read_text().splitlines() if line.strip()]
+    runs: list[tuple[int, list[int]]] = []  # (pid, its epochs), in order
+    for row in rows:
+        if not runs or runs[-1][0] != row["pid"]:
+            runs.append((row["pid"], []))
+        runs[-1][1].append(int(row["epoch"]))
+    assert len(runs) == 2, runs
+    (before_pid, before), (after_pid, after) = runs
+    assert before_pid in killed["pids"], (before_pid, killed)
+    assert before == list(range(1, len(before) + 1)) and len(before) >= 2, runs
+    assert 2 <= after[0] <= before[-1] + 1 and after == list(range(after[0], EPOCHS + 1)), runs
+    actors = {a.pid: a.node_id for a in cluster["trial_actors"]}
+    assert actors.get(before_pid) == worker and actors.get(after_pid) == head, (actors, runs, head, worker)
+    assert any(cluster["temp_dirs"][0].glob(f"session_*/artifacts/*/{STUDY}/working_dirs/{killed['trial_dir']}"))
+    error = (trial_dir / "error.txt").read_text()  # Tune's record of the trial's failures: the one
+    print(f"Tune's error record of {killed['trial_dir']}:\n{error}")
+    assert "Failure # 1 " in error and "Failure # 2 " not in error, error
+
+    # MLflow: one child run per trial; the restarted one re-attached (restarts = 1), FINISHED,
+    # with every epoch in its history exactly once.
+    client, _, parent, children = _study_runs(cluster)
+    all_children = client.search_runs([parent.info.experiment_id],
+                                      filter_string=f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
+    assert sorted(r.info.run_name for r in all_children) == sorted(TRIALS)
+    name = next(n for n in TRIALS if killed["trial_dir"].endswith(n))
+    for trial, run in children.items():
+        assert run.info.status == "FINISHED", (trial, run.info.status)
+        assert run.data.tags.get("nem_study.restarts") == ("1" if trial == name else None), (trial, run.data.tags)
+        steps = sorted(m.step for m in client.get_metric_history(run.info.run_id, "iteration"))
+        assert steps == list(range(1, EPOCHS + 1)), (trial, steps)
+    assert children[name].data.metrics["epochs"] == EPOCHS
 
 
 def test_every_run_is_in_postgresql_with_its_artifacts(cluster):
