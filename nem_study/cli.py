@@ -80,48 +80,41 @@ def build_parser() -> argparse.ArgumentParser:
             a.add_argument("--out", help="PNG path (default: NAME-strip.png)")
             a.add_argument("--n", type=int, default=4, help="sequences to show")
 
+    def study_arguments(p: argparse.ArgumentParser, study_help: str, ray: bool = True) -> None:
+        """The study file and --set (validate, run, resume); with ``ray``, where trials run."""
+        p.add_argument("study", help=study_help)
+        p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a study key, e.g. --set tracking.uri=http://mlflow:5000 --set "
+                       "storage=/shared/ray_results (repeatable; resume needs the same ones)")
+        if not ray:
+            return
+        p.add_argument("--address", metavar="auto|HOST:PORT",
+                       help="an existing Ray cluster (default: start a local Ray)")
+        p.add_argument("--num-cpus", type=int, metavar="N",
+                       help="CPUs of the local Ray (default: $NEM_RAY_CPUS, else all)")
+        p.add_argument("--num-gpus", type=int, metavar="N",
+                       help="GPUs of the local Ray (default: the GPUs torch/Ray detect)")
+        p.add_argument("--mnist", help=mnist_help + "; flying MNIST data are generated before any trial")
+
     v = sub.add_parser("validate", help="check a study file and list its trials",
                        description="Check a study YAML (base run, grid, seeds, resources, tracking). "
                        "Reports every problem at once with its place in the YAML (exit 2), else the "
                        "trials it would launch.")
-    v.add_argument("study", help="study YAML (see studies/)")
-    v.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a study key, e.g. --set tracking.uri=http://mlflow:5000 --set "
-                   "storage=/shared/ray_results (repeatable; resume needs the same ones)")
+    study_arguments(v, "study YAML (see studies/)", ray=False)
 
     r = sub.add_parser("run", help="run a study: its trials on Ray Tune, tracked in MLflow",
                        description="Run every trial of a study (grid cells x seeds) on Ray Tune, each "
                        "one an MLflow child run under one parent run per study. Checks the tracking "
                        "store first; ends with a summary (trials finished / failed, best test AMI "
                        "per grid cell).")
-    r.add_argument("study", help="study YAML (see studies/)")
-    r.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a study key, e.g. --set tracking.uri=http://mlflow:5000 --set "
-                   "storage=/shared/ray_results (repeatable; resume needs the same ones)")
-    r.add_argument("--address", metavar="auto|HOST:PORT",
-                   help="an existing Ray cluster (default: start a local Ray for this run)")
-    r.add_argument("--num-cpus", type=int, metavar="N",
-                   help="CPUs of the local Ray (default: $NEM_RAY_CPUS, else all)")
-    r.add_argument("--num-gpus", type=int, metavar="N",
-                   help="GPUs of the local Ray (default: the GPUs torch/Ray detect)")
-    r.add_argument("--mnist", help=mnist_help + "; flying MNIST data are generated before any trial")
+    study_arguments(r, "study YAML (see studies/)")
     r.add_argument("--dry-run", action="store_true", help="print the trials and exit")
 
     s = sub.add_parser("resume", help="continue a study whose driver was interrupted",
                        description="Continue an interrupted `nem-study run` from its Ray Tune state in the "
                        "study's storage folder: finished trials stay, the others go on from their last "
                        "checkpoint, each in its own MLflow child run, under the study's latest parent run.")
-    s.add_argument("study", help="the study YAML it was started with")
-    s.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a study key, e.g. --set tracking.uri=http://mlflow:5000 --set "
-                   "storage=/shared/ray_results (repeatable; resume needs the same ones)")
-    s.add_argument("--address", metavar="auto|HOST:PORT",
-                   help="an existing Ray cluster (default: start a local Ray)")
-    s.add_argument("--num-cpus", type=int, metavar="N",
-                   help="CPUs of the local Ray (default: $NEM_RAY_CPUS, else all)")
-    s.add_argument("--num-gpus", type=int, metavar="N",
-                   help="GPUs of the local Ray (default: the GPUs torch/Ray detect)")
-    s.add_argument("--mnist", help=mnist_help + "; flying MNIST data are generated before any trial")
+    study_arguments(s, "the study YAML it was started with")
 
     rp = sub.add_parser("report", help="tables and figures of a study, from MLflow",
                         description="Read every trial of a study from MLflow and write its report: a table "
