@@ -21,6 +21,7 @@ import argparse
 import multiprocessing as mp
 import os
 import platform
+import statistics
 import sys
 import tempfile
 import time
@@ -52,7 +53,9 @@ def direct_trial(config_json: dict) -> float:
 
     torch.set_num_threads(1)
     cfg = RunConfig.model_validate(config_json)
-    return fit_curriculum(cfg, lambda spec, split: data.load(spec, split, progress=False))["test_ami"]
+    t0 = time.perf_counter()
+    fit_curriculum(cfg, lambda spec, split: data.load(spec, split, progress=False))
+    return time.perf_counter() - t0
 
 
 def main() -> None:
@@ -87,7 +90,7 @@ def main() -> None:
             configs.append(cfg.model_dump(mode="json"))
         t0 = time.perf_counter()
         with mp.get_context("spawn").Pool(args.processes) as pool:
-            pool.map(direct_trial, configs, chunksize=1)
+            direct_fit = pool.map(direct_trial, configs, chunksize=1)
         direct = time.perf_counter() - t0
         print(f"direct: {args.trials} trials, {args.processes} at a time: {direct:.1f} s", flush=True)
 
@@ -98,7 +101,17 @@ def main() -> None:
         studied = time.perf_counter() - t0
         assert len(result.finished) == args.trials, result
         print(f"study:  {args.trials} trials on Ray Tune + MLflow, {args.processes} at a time: {studied:.1f} s")
+        client = mlflow.MlflowClient(study.tracking.uri)
+        children = client.search_runs([client.get_experiment_by_name(study.tracking.experiment or study.name).experiment_id],
+                                      f"tags.mlflow.parentRunId = '{result.parent_run_id}'")
+        phases = {k: statistics.median(r.data.metrics[f"trial_{k}_seconds"] for r in children)
+                  for k in ("setup", "fit", "evaluations")}
 
+    fit = statistics.median(direct_fit)
+    print("\nPer trial, medians: the study's phases (MLflow metrics trial_*_seconds) against the direct fit")
+    print("| worker start, imports, MLflow run (setup) | fit + test | direct fit + test | evaluations, Figure-4 panel |")
+    print("|---|---|---|---|")
+    print(f"| {phases['setup']:.1f} s | {phases['fit']:.1f} s | {fit:.1f} s | {phases['evaluations']:.1f} s |")
     per_trial = (studied - direct) * args.processes / args.trials
     print(f"\n| trials | epochs each | processes | direct | study (Ray Tune + MLflow) | overhead | per trial |")
     print("|---|---|---|---|---|---|---|")

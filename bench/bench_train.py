@@ -1,12 +1,20 @@
-"""Training-step throughput (sequences / s) of each network of NEM_SPEC.md §3.
+"""Training-step throughput (sequences / s) of each network of NEM_SPEC.md §3, per execution path.
 
 One step = forward over all EM steps, backward, Adam update, on random binary / grey frames,
 batch 64, T = 20 (static data: 15 EM steps). Prints the median over repeats.
 
-    .venv/bin/python bench/bench_train.py [--repeats 5] [--threads 2] [--batch 64]
+    .venv/bin/python bench/bench_train.py [--repeats 5] [--threads 2] [--batch 64] [--compile]
+    .venv/bin/python bench/bench_train.py --device cuda --compile      # a GPU: adds CUDA graphs
 
-Each network runs in fp32 and with bf16 autocast (``train.precision: bf16``; the likelihoods,
-E-step and loss stay fp32), alternating in the same process; the last column is the ratio.
+Paths, alternating in one process so that the machine's drift hits all alike: eager fp32, eager
+bf16 autocast (``train.precision: bf16``; likelihoods, E-step and loss stay fp32) and, with
+``--compile``, ``torch.compile`` of the M-step cell in both precisions (compiling takes about a
+minute per network and path on 2 cores; it is not timed). Ratios are against eager fp32.
+
+The FLOPs of one step (forward + backward, ``torch.utils.flop_counter``: matmuls and convs)
+over its time give the achieved FLOP/s, shown beside each rate as a fraction of this machine's
+dense matmul peak for the same precision, measured in the same run (the best of square matmuls
+of 512..4096).
 """
 
 from __future__ import annotations
@@ -18,6 +26,7 @@ import statistics
 import time
 
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 from nem_study.config import RunConfig
 from nem_study.model import NEM
@@ -29,29 +38,67 @@ SETUPS = {
     "flying shapes, RNN-EM (conv)": {"data": {"name": "flying_shapes"}},
     "flying MNIST, RNN-EM (conv)": {"data": {"name": "flying_mnist"}, "model": {"k": 2}},
 }
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+class Step:
+    """One model, optimiser and batch; ``run()`` is one timed training step."""
+
+    def __init__(self, cfg: RunConfig, batch: int, compile: str | None = None, device: str = "cpu"):
+        torch.manual_seed(0)
+        self.cfg, self.device = cfg, torch.device(device)
+        self.model = NEM(cfg.model, cfg.data.image_size).to(device)
+        if compile:  # "default", or "reduce-overhead" (CUDA graphs on a GPU)
+            self.model.cell = torch.compile(self.model.cell, mode=compile)
+        self.opt = torch.optim.Adam(self.model.parameters(), lr=cfg.train.lr)
+        S, F = cfg.data.image_size, cfg.data.frames
+        frames = torch.rand(batch, F, S, S, device=device)
+        self.frames = frames if cfg.data.grey else (frames > 0.85).float()
+        self.gen = torch.Generator(device).manual_seed(0)
+
+    def run(self, precision: str = "fp32") -> float:
+        cfg = self.cfg
+        t0 = time.perf_counter()
+        inputs, targets = to_steps(self.frames, cfg.steps, cfg.data.is_static)
+        with autocast(self.device, precision):
+            out = self.model(corrupt(inputs, cfg.noise, self.gen), targets, generator=self.gen)
+        self.opt.zero_grad(set_to_none=True)
+        out.loss.backward()
+        self.opt.step()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - t0
 
 
 def step_time(cfg: RunConfig, batch: int, repeats: int, precision: str = "fp32") -> list[float]:
-    torch.manual_seed(0)
-    model = NEM(cfg.model, cfg.data.image_size)
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.train.lr)
-    S, F = cfg.data.image_size, cfg.data.frames
-    frames = torch.rand(batch, F, S, S)
-    if not cfg.data.grey:
-        frames = (frames > 0.85).float()
-    gen = torch.Generator().manual_seed(0)
-    times = []
-    for i in range(repeats + 1):  # the first step warms up
-        t0 = time.perf_counter()
-        inputs, targets = to_steps(frames, cfg.steps, cfg.data.is_static)
-        with autocast(torch.device("cpu"), precision):
-            out = model(corrupt(inputs, cfg.noise, gen), targets, generator=gen)
-        opt.zero_grad(set_to_none=True)
-        out.loss.backward()
-        opt.step()
-        if i:
-            times.append(time.perf_counter() - t0)
-    return times
+    """Seconds per training step, ``repeats`` times after one warm-up step."""
+    step = Step(cfg, batch)
+    step.run(precision)
+    return [step.run(precision) for _ in range(repeats)]
+
+
+def step_flops(cfg: RunConfig, batch: int) -> int:
+    """Matmul and conv FLOPs of one training step (forward and backward)."""
+    step = Step(cfg, batch)
+    with FlopCounterMode(display=False) as counter:
+        step.run("fp32")
+    return counter.get_total_flops()
+
+
+def matmul_peak(dtype: torch.dtype, device: str = "cpu", seconds: float = 1.0) -> float:
+    """Best FLOP/s of a square dense matmul on this device (sizes 512..4096, 8192 on a GPU)."""
+    best = 0.0
+    for n in (512, 1024, 2048, 4096) + ((8192,) if device == "cuda" else ()):
+        a, b = (torch.randn(n, n, dtype=dtype, device=device) for _ in range(2))
+        a @ b  # warm-up
+        reps, t0 = 0, time.perf_counter()
+        while time.perf_counter() - t0 < seconds:
+            a @ b
+            reps += 1
+        if device == "cuda":
+            torch.cuda.synchronize()
+        best = max(best, 2 * n**3 * reps / (time.perf_counter() - t0))
+    return best
 
 
 def main() -> None:
@@ -59,22 +106,48 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
     p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--compile", action="store_true", help="also time torch.compile of the cell "
+                   "(on a GPU also mode='reduce-overhead', i.e. CUDA graphs)")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--only", help="run only the networks whose name contains this text")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
+    torch._dynamo.config.recompile_limit = 64  # one compiled cell per path and network
+    gpu = f", GPU {torch.cuda.get_device_name()}" if args.device == "cuda" else ""
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
-          f"torch threads {args.threads}; torch {torch.__version__}, python {platform.python_version()}")
+          f"torch threads {args.threads}{gpu}; torch {torch.__version__}, python {platform.python_version()}")
+    peak = {name: matmul_peak(dtype, args.device) for name, dtype in DTYPES.items()}
+    print(f"dense matmul peak: fp32 {peak['fp32'] / 1e9:.0f} GFLOP/s, bf16 {peak['bf16'] / 1e9:.0f} GFLOP/s")
     print(f"batch {args.batch}, median of {args.repeats} steps after one warm-up step\n")
-    print("| network | K | steps | fp32 s / step | fp32 sequences / s | bf16 autocast sequences / s | bf16 / fp32 |")
-    print("|---|---|---|---|---|---|---|")
+
+    paths = [("eager", "fp32"), ("eager", "bf16")]
+    if args.compile:
+        paths += [("compile", "fp32"), ("compile", "bf16")]
+        if args.device == "cuda":
+            paths += [("reduce-overhead", "fp32"), ("reduce-overhead", "bf16")]
+    cols = " | ".join(f"{mode} {prec}: seq / s (% of peak)" for mode, prec in paths)
+    print(f"| network | GFLOP / step | {cols} | fastest / eager fp32 |")
+    print("|---|---|" + "---|" * len(paths) + "---|")
     for name, setup in SETUPS.items():
+        if args.only and args.only not in name:
+            continue
         cfg = RunConfig.model_validate(setup)
-        times = {"fp32": [], "bf16": []}
-        for _ in range(args.repeats):  # alternate, so that the machine's drift hits both alike
-            for precision in times:
-                times[precision] += step_time(cfg, args.batch, 1, precision)
-        fp32, bf16 = (statistics.median(times[p]) for p in ("fp32", "bf16"))
-        print(f"| {name} | {cfg.model.k} | {cfg.steps} | {fp32:.3f} | {args.batch / fp32:.1f} | "
-              f"{args.batch / bf16:.1f} | {fp32 / bf16:.2f}x |", flush=True)
+        flops = step_flops(cfg, args.batch)
+        steps = {}
+        for mode, prec in paths:
+            compile = {"eager": None, "compile": "default"}.get(mode, mode)
+            steps[mode, prec] = step = Step(cfg, args.batch, compile, args.device)
+            step.run(prec)  # warm-up; compiles the cell
+        times = {path: [] for path in paths}
+        for _ in range(args.repeats):
+            for path in paths:
+                times[path].append(steps[path].run(path[1]))
+        median = {path: statistics.median(t) for path, t in times.items()}
+        fastest = min(median, key=median.get)
+        print(f"| {name} | {flops / 1e9:.1f} | "
+              + " | ".join(f"{args.batch / median[path]:.1f} ({100 * flops / median[path] / peak[path[1]]:.0f} %)"
+                           for path in paths)
+              + f" | {' '.join(fastest)}, {median['eager', 'fp32'] / median[fastest]:.2f}x |", flush=True)
 
 
 if __name__ == "__main__":

@@ -113,8 +113,9 @@ class TrainConfig(Strict):
     seed: int = Field(0, ge=0)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     threads: int | None = Field(None, ge=1, description="torch CPU threads (None: torch's default)")
-    precision: Literal["fp32", "bf16"] = Field(
-        "fp32", description="bf16: autocast the networks' convs and matmuls (likelihoods, E-step and loss stay fp32)")
+    precision: Literal["fp32", "bf16", "auto"] = Field(
+        "fp32", description="bf16: autocast the networks' convs and matmuls (likelihoods, E-step and loss "
+        "stay fp32); auto: bf16 on a CPU with bf16 instructions (1.2-1.8x faster, BENCHMARKS.md), else fp32")
     checkpoint_dir: str | None = Field(None, description="where best.pt / last.pt go (None: none)")
     time_budget_s: float | None = Field(None, gt=0, description="stop after this many seconds")
 

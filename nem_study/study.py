@@ -15,6 +15,7 @@ import os
 import re
 import shutil
 import socket
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -45,8 +46,11 @@ def run_trial(config: dict[str, Any], *, trials: list[dict[str, Any]], study: St
     """Train one trial; every epoch goes to Tune (with its checkpoint) and to MLflow.
 
     ``config["trial"]`` is the index of a TrialSpec; with a search, ``config["space"]`` holds
-    the values sampled for this trial, set over the TrialSpec's grid cell.
+    the values sampled for this trial, set over the TrialSpec's grid cell. The seconds spent
+    before training, in training and testing, and in the evaluations go to MLflow as
+    ``trial_*_seconds`` (what a trial costs beyond its training: BENCHMARKS.md).
     """
+    t_start = time.monotonic()
     from ray import tune
 
     from nem_study import data
@@ -77,9 +81,13 @@ def run_trial(config: dict[str, Any], *, trials: list[dict[str, Any]], study: St
 
     try:
         resume = _restore(tune.get_checkpoint(), checkpoint_dir)
+        t_fit = time.monotonic()
         result = fit_curriculum(cfg, lambda spec, split: data.load(spec, split, progress=False),
                                 report=report, resume=resume)
+        t_evaluations = time.monotonic()
         evaluations = run_evaluations(study, cfg, result.get("checkpoint"), trial_dir)
+        result |= {"trial_setup_seconds": t_fit - t_start, "trial_fit_seconds": t_evaluations - t_fit,
+                   "trial_evaluations_seconds": time.monotonic() - t_evaluations}
     except SystemExit:  # Tune stopped the trial (the scheduler, or the study ending): not a failure
         tracking.mark_stopped(tracking_uri, run_id, "stopped by Ray Tune (scheduler)")
         raise

@@ -215,6 +215,8 @@ def log_final(uri: str, run_id: str, result: dict[str, Any], evaluations: list[d
     for lo in range(0, len(steps), 1000):
         client.log_batch(run_id, metrics=steps[lo:lo + 1000])
     client.set_tag(run_id, "stop_reason", str(result.get("stop_reason")))
+    if "precision" in result:  # what train.precision 'auto' resolved to on the trial's machine
+        client.set_tag(run_id, "precision", result["precision"])
     table = {"step": list(range(1, len(per_step) + 1)), "test_ami": per_step,
              "test_ami_q25": result.get("test_ami_q25_per_step", []),
              "test_ami_q75": result.get("test_ami_q75_per_step", []),

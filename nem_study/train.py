@@ -78,9 +78,24 @@ def pick_device(name: str) -> torch.device:
 # Evaluation
 
 
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """``train.precision`` on ``device``: ``auto`` is bf16 where it was measured faster (a CPU
+    with AVX512-BF16 or AMX: 1.2-1.8x, BENCHMARKS.md), fp32 elsewhere (GPUs: not yet measured)."""
+    if precision != "auto":
+        return precision
+    if device.type != "cpu":
+        return "fp32"
+    try:  # native bf16 dot products; emulated bf16 (plain AVX2/AVX-512) is slower than fp32
+        fast = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    except AttributeError:  # another torch version
+        fast = False
+    return "bf16" if fast else "fp32"
+
+
 def autocast(device: torch.device, precision: str) -> torch.autocast:
     """bf16 autocast of the networks' convs and matmuls (``train.precision``); fp32: a no-op."""
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+    bf16 = resolve_precision(precision, device) == "bf16"
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
 
 
 def component_shares(pred: np.ndarray, valid: np.ndarray, k: int) -> np.ndarray:
@@ -306,7 +321,8 @@ def fit(cfg: RunConfig, splits: Mapping[str, Split], report: Report | None = Non
             break
 
     summary = {"epochs": epoch, "best_epoch": best_epoch, "best_valid_loss": best_loss,
-               "stop_reason": stop_reason, "train_seconds": time.monotonic() - t_start}
+               "stop_reason": stop_reason, "train_seconds": time.monotonic() - t_start,
+               "precision": resolve_precision(tc.precision, device)}
     best = ckpt_dir / "best.pt" if ckpt_dir else None
     if best is not None and best.is_file():
         summary["checkpoint"] = str(best)

@@ -198,3 +198,15 @@ def test_bf16_autocast_gives_the_fp32_loss_and_gradients_within_tolerance(name):
     diff = (grads["bf16"] - grads["fp32"]).norm() / grads["fp32"].norm()
     cosine = torch.nn.functional.cosine_similarity(grads["bf16"], grads["fp32"], dim=0)
     assert 0 < diff < 5e-2 and cosine > 0.999, (diff, cosine)   # 0: autocast did not run in bf16
+
+
+def test_precision_auto_is_bf16_only_on_a_cpu_with_native_bf16():
+    """The fast path is the default where it was measured faster, and fp32/bf16 switch it."""
+    from nem_study.train import resolve_precision
+
+    cpu = torch.device("cpu")
+    native = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    assert resolve_precision("auto", cpu) == ("bf16" if native else "fp32")
+    assert resolve_precision("fp32", cpu) == "fp32"
+    assert resolve_precision("bf16", cpu) == "bf16"
+    assert resolve_precision("auto", torch.device("cuda")) == "fp32"   # GPU: not yet measured

@@ -1,0 +1,144 @@
+"""Where the training time goes (flying shapes, RNN-EM conv, K = 3, T = 20, batch 64).
+
+    .venv/bin/python bench/profile_train.py [--threads 2] [--precision auto] [--steps 5]
+
+1. Inside one training step (``torch.profiler``, self CPU time of the ops over ``--steps``
+   steps after a warm-up): the forward pass by part of the EM loop (encoder, RNN, decoder,
+   E-step, loss; labelled by wrapping those parts for the profile only), the backward pass and
+   the optimiser by kind of op.
+2. Around the steps, in ``train.fit`` itself (``cProfile`` of one epoch of 1,024 sequences with
+   validation on 256, test on 256 and checkpoints): data reads, noise, the steps, validation
+   and test (with the AMI and the BCE bound), checkpoint writes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import inspect
+import os
+import platform
+import pstats
+import sys
+import tempfile
+from collections import defaultdict
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+from torch.profiler import ProfilerActivity, profile, record_function  # noqa: E402
+
+from bench.bench_train import Step  # noqa: E402
+from nem_study import data, model, train  # noqa: E402
+from nem_study.config import RunConfig  # noqa: E402
+
+# Op kinds for the backward pass and the optimiser (substrings of aten op names).
+KINDS = [("conv", ("conv",)), ("matmul / linear", ("addmm", "mm", "linear")),
+         ("LayerNorm", ("layer_norm",)), ("optimiser (Adam)", ("_foreach", "adam")),
+         ("E-step softmax", ("softmax",)),
+         ("activations", ("elu", "relu", "sigmoid", "threshold")),
+         ("copies, casts", ("copy", "to", "clone", "contiguous", "cat", "stack", "view", "reshape"))]
+
+
+class Labelled(nn.Module):
+    """Runs ``inner`` inside a profiler range named ``label``."""
+
+    def __init__(self, inner: nn.Module, label: str):
+        super().__init__()
+        self.inner, self.label = inner, label
+
+    def forward(self, *args):
+        with record_function(self.label):
+            return self.inner(*args)
+
+
+def labelled(fn, label):
+    def wrapper(*args, **kwargs):
+        with record_function(label):
+            return fn(*args, **kwargs)
+    return wrapper
+
+
+def step_profile(cfg: RunConfig, steps: int, precision: str) -> None:
+    step = Step(cfg, 64)
+    cell = step.model.cell
+    cell.encoder = Labelled(cell.encoder, "forward: encoder")
+    cell.decoder = Labelled(cell.decoder, "forward: decoder")
+    cell.W_x, cell.W_h = Labelled(cell.W_x, "forward: RNN"), Labelled(cell.W_h, "forward: RNN")
+    model.e_step = labelled(model.e_step, "forward: E-step")
+    model.em_loss = labelled(model.em_loss, "forward: loss")
+    step.run(precision)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(steps):
+            step.run(precision)
+    total, parts = 0.0, defaultdict(float)
+    for e in prof.events():
+        total += e.self_cpu_time_total
+        label, up = None, e
+        while up is not None and label is None:  # the forward part this op ran in, if any
+            label = up.name if up.name.startswith("forward: ") else None
+            up = up.cpu_parent
+        if label is None:
+            kind = next((k for k, subs in KINDS if any(s in e.name.lower() for s in subs)), "other elementwise")
+            label = f"backward, optimiser, noise: {kind}"
+        parts[label] += e.self_cpu_time_total
+    print(f"\n### Inside a training step ({precision}, {steps} steps, {total / steps / 1e6:.3f} s / step)\n")
+    print("| part | s / step | share |")
+    print("|---|---|---|")
+    for name, us in sorted(parts.items(), key=lambda r: -r[1]):
+        print(f"| {name} | {us / steps / 1e6:.3f} | {100 * us / total:.1f} % |")
+
+
+def fit_parts() -> list[tuple[str, object]]:
+    from nem_study import metrics
+    from nem_study.data.store import Split
+
+    return [("data reads (Split.batch)", Split.batch), ("noise (corrupt)", train.corrupt),
+            ("forward (every NEM.forward, also in evaluate)", model.NEM.forward), ("backward", torch.Tensor.backward),
+            ("Adam step", torch.optim.Adam.step), ("validation + test (evaluate)", train.evaluate),
+            ("of which AMI", metrics.ami_matrix), ("of which BCE bound", metrics.bce_upper_bound),
+            ("checkpoints (save_checkpoint)", train.save_checkpoint)]
+
+
+def fit_profile(cfg: RunConfig) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        os.environ["NEM_DATA_DIR"] = tmp
+        cfg.data.train, cfg.data.valid, cfg.data.test = 1024, 256, 256
+        cfg.train.valid_samples, cfg.train.test_each_epoch = 256, 256
+        cfg.train.max_epochs, cfg.train.checkpoint_dir = 1, str(Path(tmp) / "ckpt")
+        splits = {s: data.load(cfg.data, s, progress=False) for s in ("train", "valid", "test")}
+        prof = cProfile.Profile()
+        prof.enable()
+        result = train.fit(cfg, splits, test=False)
+        prof.disable()
+    stats = pstats.Stats(prof).stats
+    total = result["train_seconds"]
+    print(f"\n### Around the steps: one epoch of `train.fit` ({result['precision']}, 1,024 sequences, "
+          f"{total:.1f} s under cProfile)\n")
+    print("| part | s | share of the epoch |")
+    print("|---|---|---|")
+    for name, fn in fit_parts():
+        code = inspect.unwrap(fn).__code__
+        ct = stats.get((code.co_filename, code.co_firstlineno, code.co_name), (0, 0, 0, 0.0))[3]
+        print(f"| {name} | {ct:.2f} | {100 * ct / total:.1f} % |")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--threads", type=int, default=torch.get_num_threads())
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"])
+    p.add_argument("--steps", type=int, default=5)
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    precision = train.resolve_precision(args.precision, torch.device("cpu"))
+    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
+          f"torch threads {args.threads}; torch {torch.__version__}, python {platform.python_version()}")
+    cfg = RunConfig.model_validate({"data": {"name": "flying_shapes"}, "train": {"precision": precision}})
+    fit_profile(cfg.model_copy(deep=True))
+    step_profile(cfg, args.steps, precision)
+
+
+if __name__ == "__main__":
+    main()
