@@ -316,6 +316,36 @@ def test_mnist_from_an_idx_directory(tmp_path, mnist, monkeypatch):
     assert np.array_equal(m.x_test, mnist.x_test) and m.source == str(d)
 
 
+@needs_mnist
+def test_mnist_downloads_from_the_first_mirror_that_answers_then_uses_the_cache(tmp_path, mnist, monkeypatch,
+                                                                               data_dir):
+    """A local HTTP server stands in for a mirror (these machines reach no real one)."""
+    import functools
+    import http.server
+    import threading
+
+    served = tmp_path / "mirror"
+    served.mkdir()
+    _write_idx(served / "train-images-idx3-ubyte.gz", np.concatenate([mnist.x_train, mnist.x_valid]))
+    _write_idx(served / "t10k-images-idx3-ubyte.gz", mnist.x_test)
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(served))
+    handler.log_message = lambda *a: None
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        dead, alive = "http://127.0.0.1:9/", f"http://127.0.0.1:{server.server_port}/"
+        monkeypatch.setattr(mnist_mod, "MIRRORS", [dead, alive])
+        m = data.load_mnist()
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert np.array_equal(m.x_train, mnist.x_train) and np.array_equal(m.x_test, mnist.x_test)
+    assert sorted(p.name for p in (data_dir / "mnist").iterdir()) == \
+        ["t10k-images-idx3-ubyte.gz", "train-images-idx3-ubyte.gz"]   # no .part files left
+    again = data.load_mnist()   # the server is gone: the cached copy
+    assert again.source == str(data_dir / "mnist") and np.array_equal(again.x_valid, mnist.x_valid)
+
+
 def test_missing_mnist_path_names_it(tmp_path, monkeypatch):
     missing = tmp_path / "nowhere" / "mnist.npz"
     with pytest.raises(InputError, match="nowhere") as e:

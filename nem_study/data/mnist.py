@@ -113,8 +113,9 @@ def downsample(x: np.ndarray, size: int, chunk: int = 10_000) -> np.ndarray:
 
 
 def _read_idx(path: Path) -> np.ndarray:
-    opener = gzip.open if path.name.endswith(".gz") else open
-    try:
+    try:  # gzip or not by its magic bytes, not the name (a download's .part file has no .gz)
+        with open(path, "rb") as f:
+            opener = gzip.open if f.read(2) == b"\x1f\x8b" else open
         with opener(path, "rb") as f:
             raw = f.read()
     except (OSError, EOFError) as e:
