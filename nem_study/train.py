@@ -239,6 +239,8 @@ def fit(cfg: RunConfig, splits: Mapping[str, Split], report: Report | None = Non
     device = pick_device(tc.device)
     torch.manual_seed(tc.seed)
     model = NEM(cfg.model, cfg.data.image_size).to(device)
+    if tc.compile:
+        model.cell.compile()  # in place: the checkpoint keys stay those of the eager model
     optimizer = torch.optim.Adam(model.parameters(), lr=tc.lr)
     ckpt_dir = Path(tc.checkpoint_dir) if tc.checkpoint_dir else None
     if ckpt_dir:
