@@ -49,7 +49,7 @@ class Step:
         self.cfg, self.device = cfg, torch.device(device)
         self.model = NEM(cfg.model, cfg.data.image_size).to(device)
         if compile:  # "default", or "reduce-overhead" (CUDA graphs on a GPU)
-            self.model.cell.compile(mode=compile)  # as train.compile does
+            self.model.cell.compile(mode=compile, dynamic=False)  # as train.compile does
         self.opt = torch.optim.Adam(self.model.parameters(), lr=cfg.train.lr)
         S, F = cfg.data.image_size, cfg.data.frames
         frames = torch.rand(batch, F, S, S, device=device)

@@ -240,7 +240,9 @@ def fit(cfg: RunConfig, splits: Mapping[str, Split], report: Report | None = Non
     torch.manual_seed(tc.seed)
     model = NEM(cfg.model, cfg.data.image_size).to(device)
     if tc.compile:
-        model.cell.compile()  # in place: the checkpoint keys stay those of the eager model
+        # In place, so checkpoint keys stay eager's; static shapes, because a dynamic-shape
+        # recompile of the flying-MNIST cell fails in torch 2.13's inductor.
+        model.cell.compile(dynamic=False)
     optimizer = torch.optim.Adam(model.parameters(), lr=tc.lr)
     ckpt_dir = Path(tc.checkpoint_dir) if tc.checkpoint_dir else None
     if ckpt_dir:

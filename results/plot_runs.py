@@ -28,7 +28,7 @@ def main(out: str, runs: list[str]) -> None:
         by_epoch.plot(epochs, ami, marker="o", ms=3, label=label)
         by_time.plot(minutes, ami, marker="o", ms=3, label=label)
     for ax, xlabel in ((by_epoch, "epoch (10,000 sequences)"), (by_time, "training wall time (minutes)")):
-        ax.set(xlabel=xlabel, ylabel="test AMI (1,000 sequences)")
+        ax.set(xlabel=xlabel, ylabel="test AMI (first test sequences)")
         ax.axhline(0.8, color="grey", lw=0.8, ls="--")
         ax.grid(alpha=0.3)
     by_time.legend(fontsize=8)
