@@ -83,7 +83,7 @@ def run_trial(config: dict[str, Any], *, trials: list[dict[str, Any]], study: St
         resume = _restore(tune.get_checkpoint(), checkpoint_dir)
         t_fit = time.monotonic()
         result = fit_curriculum(cfg, lambda spec, split: data.load(spec, split, progress=False),
-                                report=report, resume=resume)
+                                report=report, resume=resume, panel=trial_dir / "groupings.png")
         t_evaluations = time.monotonic()
         evaluations = run_evaluations(study, cfg, result.get("checkpoint"), trial_dir)
         result |= {"trial_setup_seconds": t_fit - t_start, "trial_fit_seconds": t_evaluations - t_fit,
@@ -98,15 +98,12 @@ def run_trial(config: dict[str, Any], *, trials: list[dict[str, Any]], study: St
 
 
 def run_evaluations(study: StudyConfig, cfg: RunConfig, checkpoint: str | None, trial_dir: Path) -> list[dict[str, Any]]:
-    """The study's generalisation tests on the trial's best network, and its Figure-4 panel.
-
-    ``groupings.png`` shows test sequence 0 as trained; each evaluation adds its own panel.
-    """
+    """The study's generalisation tests on the trial's best network, each with its Figure-4 panel
+    (``groupings-<name>.png``; the final test drew ``groupings.png``, test sequence 0 as trained)."""
     from nem_study.evaluate import generalisation
 
     if checkpoint is None:
         return []
-    generalisation(checkpoint, n=1, panel=str(trial_dir / "groupings.png"))
     results = []
     for ev in study.evaluations:
         result = generalisation(checkpoint, k=ev.k, objects=ev.objects, steps=ev.steps, static=ev.static,

@@ -226,12 +226,13 @@ def load_model(path: str | Path, device: str = "auto") -> tuple[NEM, RunConfig, 
 
 def fit(cfg: RunConfig, splits: Mapping[str, Split], report: Report | None = None,
         resume: str | Path | None = None, progress: bool = False, init: str | Path | None = None,
-        test: bool = True) -> dict[str, Any]:
+        test: bool = True, panel: str | Path | None = None) -> dict[str, Any]:
     """Train until early stopping, max_epochs or the time budget; return test metrics.
 
     ``splits`` holds "train", "valid" and (with ``test``) "test" (see ``nem_study.data.load``).
     ``resume`` is a checkpoint (file or directory) to continue from, with its optimiser and
     counters; ``init`` one whose weights only start a fresh run (a curriculum's next stage).
+    ``panel``: the final test also draws test sequence 0's groupings there (a PNG).
     """
     tc = cfg.train
     if tc.threads:
@@ -335,7 +336,7 @@ def fit(cfg: RunConfig, splits: Mapping[str, Split], report: Report | None = Non
     # Test with the best weights (the kept checkpoint), as the paper does.
     if best is not None and best.is_file():
         model.load_state_dict(load_checkpoint(best)["model"])
-    result = evaluate(model, splits["test"], cfg, tc.test_samples, seed=tc.seed)
+    result = evaluate(model, splits["test"], cfg, tc.test_samples, seed=tc.seed, panel=panel)
     return {"test_" + k: v for k, v in result.items()} | summary
 
 
@@ -353,7 +354,8 @@ def curriculum_stages(cfg: RunConfig) -> list[RunConfig]:
 
 
 def fit_curriculum(cfg: RunConfig, load: Callable[[Any, str], Split], report: Report | None = None,
-                   resume: str | Path | None = None, progress: bool = False) -> dict[str, Any]:
+                   resume: str | Path | None = None, progress: bool = False,
+                   panel: str | Path | None = None) -> dict[str, Any]:
     """``fit`` stage after stage of ``data.curriculum`` (NEM_SPEC.md §4); one stage without one.
 
     ``load(data_config, split)`` returns a split. Each stage has its own early stopping and
@@ -388,7 +390,8 @@ def fit_curriculum(cfg: RunConfig, load: Callable[[Any, str], Split], report: Re
         if progress and len(stages) > 1:
             print(f"stage {i} of {len(stages)}: digit pool {stage.data.digit_pool}", flush=True)
         splits["train"] = load(stage.data, "train")
-        result = fit(stage, splits, stage_report, stage_resume, progress, init=init, test=i == len(stages))
+        result = fit(stage, splits, stage_report, stage_resume, progress, init=init, test=i == len(stages),
+                     panel=panel)
         if marker is not None and i < len(stages):
             done.append({"stage": i, "digit_pool": stage.data.digit_pool} |
                         {k: result[k] for k in ("epochs", "best_epoch", "best_valid_loss", "stop_reason")})
