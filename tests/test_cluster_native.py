@@ -252,9 +252,8 @@ max_failures: 1
         submit = start("job", argv)
 
         # The second node dies mid-trial: once the trial running there (its working folder is in
-        # that node's temp dir) has persisted its second checkpoint. Tune asks for the next epoch
-        # only after it has taken in the previous result, so the first one is then the trial's
-        # latest checkpoint as far as Tune knows.
+        # that node's temp dir) has persisted its second checkpoint, so that the restart has a
+        # checkpoint past epoch 1 to go on from.
         experiment = shared / "ray_results" / STUDY
         killed: dict = {}
         deadline = time.time() + 600
@@ -342,8 +341,12 @@ def test_a_trial_whose_node_died_resumed_on_the_head_from_its_checkpoint(cluster
     assert len(runs) == 2, runs
     (before_pid, before), (after_pid, after) = runs
     assert before_pid in killed["pids"], (before_pid, killed)
-    assert before == list(range(1, len(before) + 1)) and len(before) >= 2, runs
-    assert 2 <= after[0] <= before[-1] + 1 and after == list(range(after[0], EPOCHS + 1)), runs
+    assert before == list(range(1, len(before) + 1)), runs
+    # It went on from a checkpoint that was persisted when the node died (checkpoint_00000i holds
+    # epoch i + 1), not from scratch. Under load the driver may not yet have written the
+    # result row of that checkpoint's epoch to result.json when the node dies, so ``before``
+    # can end one epoch short of it.
+    assert 2 <= after[0] <= max(killed["checkpoints"]) + 2 and after == list(range(after[0], EPOCHS + 1)), runs
     actors = {a.pid: a.node_id for a in cluster["trial_actors"]}
     assert actors.get(before_pid) == worker and actors.get(after_pid) == head, (actors, runs, head, worker)
     assert any(cluster["temp_dirs"][0].glob(f"session_*/artifacts/*/{STUDY}/working_dirs/{killed['trial_dir']}"))
