@@ -328,9 +328,11 @@ def test_a_trial_whose_node_died_resumed_on_the_head_from_its_checkpoint(cluster
     worker = next(i for i, n in nodes.items() if not n.is_head_node)
     assert nodes[worker].state == "DEAD" and nodes[head].state == "ALIVE", nodes
 
-    # Tune's results of the trial (its result.json in the shared storage): the first process ran
-    # on the killed node up to some epoch m >= 2; the second one, on the head, went on from the
-    # checkpoint Tune had (epoch >= 2), not from epoch 1, to the last epoch.
+    # Tune's results of the trial (its result.json in the shared storage). The last process, on
+    # the head, went on from a checkpoint persisted when the node died (checkpoint_00000i holds
+    # epoch i + 1), not from scratch, to the last epoch. The rows of the first process, on the
+    # killed node, are there only when the driver wrote them before the node died: under load
+    # none or not all of them may be (seen: none; epoch 1 only, with the restart at epoch 3).
     trial_dir = cluster["experiment"] / killed["trial_dir"]
     rows = [json.loads(line) for line in (trial_dir / "result.json").read_text().splitlines() if line.strip()]
     runs: list[tuple[int, list[int]]] = []  # (pid, its epochs), in order
@@ -338,17 +340,14 @@ def test_a_trial_whose_node_died_resumed_on_the_head_from_its_checkpoint(cluster
         if not runs or runs[-1][0] != row["pid"]:
             runs.append((row["pid"], []))
         runs[-1][1].append(int(row["epoch"]))
-    assert len(runs) == 2, runs
-    (before_pid, before), (after_pid, after) = runs
-    assert before_pid in killed["pids"], (before_pid, killed)
-    assert before == list(range(1, len(before) + 1)), runs
-    # It went on from a checkpoint that was persisted when the node died (checkpoint_00000i holds
-    # epoch i + 1), not from scratch. Under load the driver may not yet have written the
-    # result row of that checkpoint's epoch to result.json when the node dies, so ``before``
-    # can end one epoch short of it.
+    assert 1 <= len(runs) <= 2, runs
+    *earlier, (after_pid, after) = runs
     assert 2 <= after[0] <= max(killed["checkpoints"]) + 2 and after == list(range(after[0], EPOCHS + 1)), runs
     actors = {a.pid: a.node_id for a in cluster["trial_actors"]}
-    assert actors.get(before_pid) == worker and actors.get(after_pid) == head, (actors, runs, head, worker)
+    assert after_pid not in killed["pids"] and actors.get(after_pid) == head, (actors, runs, head, worker)
+    for before_pid, before in earlier:
+        assert before_pid in killed["pids"] and actors.get(before_pid) == worker, (actors, runs, killed)
+        assert before == list(range(1, len(before) + 1)), runs
     assert any(cluster["temp_dirs"][0].glob(f"session_*/artifacts/*/{STUDY}/working_dirs/{killed['trial_dir']}"))
     error = (trial_dir / "error.txt").read_text()  # Tune's record of the trial's failures: the one
     print(f"Tune's error record of {killed['trial_dir']}:\n{error}")
