@@ -23,7 +23,6 @@ def train_for(seconds: float, device: str, precision: str, batch: int) -> float:
     """Sequences / s of one trial's training steps, after one warm-up step."""
     import torch
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from bench.bench_train import Step
     from nem_study.config import RunConfig
 

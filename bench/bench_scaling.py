@@ -47,9 +47,9 @@ def time_point(k: int, t: int, batch: int, repeats: int, precision: str) -> floa
     return statistics.median(step_time(cfg, batch, repeats, precision))
 
 
-def slope(xs: list[int], ys: list[float]) -> float:
-    """Exponent b of y ~ x^b, least squares on the logs."""
-    return float(np.polyfit(np.log(xs), np.log(ys), 1)[0])
+def loglog_fit(xs: list[int], ys: list[float]) -> np.ndarray:
+    """(b, log a) of y ~ a x^b, least squares on the logs; b is the slope."""
+    return np.polyfit(np.log(xs), np.log(ys), 1)
 
 
 def main() -> None:
@@ -68,7 +68,7 @@ def main() -> None:
     print(f"flying shapes, RNN-EM (conv); base K {base['K']}, T {base['T']}, batch {base['batch']}; "
           f"median of {args.repeats} steps after one warm-up step; epoch = {EPOCH:,} sequences")
 
-    results: dict[str, tuple[list[int], list[float], float]] = {}
+    results: dict[str, tuple[list[int], list[float], np.ndarray]] = {}
     for factor, values in sweeps.items():
         print("\n| factor | value | s / step | sequences / s | s / epoch |\n|---|---|---|---|---|")
         epochs = []
@@ -77,15 +77,15 @@ def main() -> None:
             s = time_point(point["K"], point["T"], point["batch"], args.repeats, args.precision)
             epochs.append(EPOCH / point["batch"] * s)
             print(f"| {factor} | {v} | {s:.3f} | {point['batch'] / s:.1f} | {epochs[-1]:,.0f} |", flush=True)
-        b = slope(values, epochs)
-        results[factor] = (values, epochs, b)
-        print(f"\nlog-log slope of s / epoch vs {factor}: {b:.2f}")
+        coef = loglog_fit(values, epochs)
+        results[factor] = (values, epochs, coef)
+        print(f"\nlog-log slope of s / epoch vs {factor}: {coef[0]:.2f}")
 
     fig, axes = plt.subplots(1, len(results), figsize=(4 * len(results), 3.6))
-    for ax, (factor, (values, epochs, b)) in zip(np.atleast_1d(axes), results.items()):
-        fit = np.exp(np.polyval(np.polyfit(np.log(values), np.log(epochs), 1), np.log(values)))
+    for ax, (factor, (values, epochs, coef)) in zip(np.atleast_1d(axes), results.items()):
+        fit = np.exp(np.polyval(coef, np.log(values)))
         ax.loglog(values, epochs, "o-", label="measured")
-        ax.loglog(values, fit, "--", color="grey", label=f"fit, slope {b:.2f}")
+        ax.loglog(values, fit, "--", color="grey", label=f"fit, slope {coef[0]:.2f}")
         ax.set_xticks(values, [str(v) for v in values])
         ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
         ax.yaxis.set_major_formatter(matplotlib.ticker.LogFormatter(labelOnlyBase=False))

@@ -110,7 +110,7 @@ def main() -> None:
         assert len(result.finished) == args.trials, result
         print(f"study:  {args.trials} trials on Ray Tune + MLflow, {args.processes} at a time: {studied:.1f} s")
         client = mlflow.MlflowClient(study.tracking.uri)
-        children = client.search_runs([client.get_experiment_by_name(study.tracking.experiment or study.name).experiment_id],
+        children = client.search_runs([client.get_experiment_by_name(study.experiment).experiment_id],
                                       f"tags.mlflow.parentRunId = '{result.parent_run_id}'")
         phases = {k: statistics.median(r.data.metrics[f"trial_{k}_seconds"] for r in children)
                   for k in ("setup", "fit", "evaluations")}
