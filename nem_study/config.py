@@ -115,7 +115,7 @@ class TrainConfig(Strict):
     threads: int | None = Field(None, ge=1, description="torch CPU threads (None: torch's default)")
     precision: Literal["fp32", "bf16", "auto"] = Field(
         "fp32", description="bf16: autocast the networks' convs and matmuls (likelihoods, E-step and loss "
-        "stay fp32); auto: bf16 on a CPU with bf16 instructions (1.2-1.8x faster, BENCHMARKS.md), else fp32")
+        "stay fp32); auto: bf16 on a CPU with bf16 instructions (1.1-1.8x faster, BENCHMARKS.md), else fp32")
     compile: bool = Field(False, description="torch.compile the M-step cell (measured slower on this "
                           "project's CPU, BENCHMARKS.md; meant for GPUs)")
     checkpoint_dir: str | None = Field(None, description="where best.pt / last.pt go (None: none)")

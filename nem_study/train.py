@@ -80,7 +80,7 @@ def pick_device(name: str) -> torch.device:
 
 def resolve_precision(precision: str, device: torch.device) -> str:
     """``train.precision`` on ``device``: ``auto`` is bf16 where it was measured faster (a CPU
-    with AVX512-BF16 or AMX: 1.2-1.8x, BENCHMARKS.md), fp32 elsewhere (GPUs: not yet measured)."""
+    with AVX512-BF16 or AMX: 1.1-1.8x, BENCHMARKS.md), fp32 elsewhere (GPUs: not yet measured)."""
     if precision != "auto":
         return precision
     if device.type != "cpu":
