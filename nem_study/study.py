@@ -15,6 +15,7 @@ import os
 import re
 import shutil
 import socket
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -64,11 +65,13 @@ def run_trial(config: dict[str, Any], *, trials: list[dict[str, Any]], study: St
         trial = {**trial, "name": tune.get_context().get_trial_name(), "sampled": sampled}
     else:
         cfg = RunConfig.model_validate(trial["config"])
-    trial_dir = Path(tune.get_context().get_trial_dir())
-    checkpoint_dir = trial_dir / "checkpoints"
-    cfg.train.checkpoint_dir = str(checkpoint_dir)
     cfg.train.threads = cfg.train.threads or threads
     run_id = tracking.start_child(tracking_uri, parent_run_id, trial, cfg)
+    trial_dir = Path(tune.get_context().get_trial_dir())  # synced to storage: the panels
+    # The trainer's own last.pt/best.pt stay out of the synced folder: Tune copies them to
+    # storage as its checkpoints already, and they are large (40 MB for flying shapes).
+    checkpoint_dir = Path(tempfile.mkdtemp(prefix="nem-checkpoints-"))
+    cfg.train.checkpoint_dir = str(checkpoint_dir)
     # After a restart or a resumed study, epochs between the last checkpoint and the crash run
     # again; MLflow keeps their first values, so each epoch is in the history once.
     logged = tracking.logged_iterations(tracking_uri, run_id)
@@ -88,13 +91,15 @@ def run_trial(config: dict[str, Any], *, trials: list[dict[str, Any]], study: St
         evaluations = run_evaluations(study, cfg, result.get("checkpoint"), trial_dir)
         result |= {"trial_setup_seconds": t_fit - t_start, "trial_fit_seconds": t_evaluations - t_fit,
                    "trial_evaluations_seconds": time.monotonic() - t_evaluations}
+        tracking.log_final(tracking_uri, run_id, result, evaluations, trial_dir / "groupings.png")
     except SystemExit:  # Tune stopped the trial (the scheduler, or the study ending): not a failure
         tracking.mark_stopped(tracking_uri, run_id, "stopped by Ray Tune (scheduler)")
         raise
     except BaseException as e:
         tracking.mark_failed(tracking_uri, run_id, e)
         raise  # Ray marks the trial failed (and restarts it up to max_failures times)
-    tracking.log_final(tracking_uri, run_id, result, evaluations, trial_dir / "groupings.png")
+    finally:
+        shutil.rmtree(checkpoint_dir, ignore_errors=True)  # this worker may run the next trial
 
 
 def run_evaluations(study: StudyConfig, cfg: RunConfig, checkpoint: str | None, trial_dir: Path) -> list[dict[str, Any]]:
@@ -239,9 +244,14 @@ def _tuner(study: StudyConfig, trials: list[TrialSpec], experiment: _Experiment,
         param_space=experiment.param_space,
         tune_config=tune.TuneConfig(
             search_alg=experiment.search_alg, num_samples=experiment.num_samples, scheduler=_scheduler(study, trials),
+            # A worker runs trial after trial: no new process, torch import and MLflow store
+            # per trial (4 s of setup, BENCHMARKS.md). Its trial folders then reach storage
+            # only by artifact syncing, hence sync_artifacts below.
+            reuse_actors=True,
             trial_name_creator=experiment.trial_name, trial_dirname_creator=experiment.trial_dirname),
         run_config=tune.RunConfig(
             name=experiment.name, storage_path=storage_path(study), verbose=verbose,
+            sync_config=tune.SyncConfig(sync_artifacts=True),
             failure_config=tune.FailureConfig(max_failures=study.max_failures),
             checkpoint_config=tune.CheckpointConfig(num_to_keep=CHECKPOINTS_KEPT)))
 
