@@ -16,6 +16,11 @@ inside the study's wall time; they are paid once per study, so they are also tim
 the per-trial overhead is (study - Ray start/stop - direct) x processes / trials. The study's
 trials log where their own time went (``trial_setup|fit|evaluations_seconds``), printed as
 medians beside the direct trials' fit.
+
+That per-trial figure still holds the driver's own once-per-study work (the tracking store
+check, the parent run, the data check, Tune's start). The timelines separate it: each side's
+span from the first trial's begin to the last trial's end is what the trials cost; the rest is
+paid once per study. A study trial's begin is its MLflow child run's start minus its setup.
 """
 
 from __future__ import annotations
@@ -47,7 +52,9 @@ def study_dict(root: Path, trials: int, epochs: int) -> dict:
     }
 
 
-def direct_trial(config_json: dict) -> float:
+def direct_trial(config_json: dict) -> tuple[float, float, float]:
+    """One trial in a pool worker: (fit seconds, wall-clock begin, end); begin is before imports."""
+    begin = time.time()
     import torch
 
     from nem_study import data
@@ -58,7 +65,7 @@ def direct_trial(config_json: dict) -> float:
     cfg = RunConfig.model_validate(config_json)
     t0 = time.perf_counter()
     fit_curriculum(cfg, lambda spec, split: data.load(spec, split, progress=False))
-    return time.perf_counter() - t0
+    return time.perf_counter() - t0, begin, time.time()
 
 
 def main() -> None:
@@ -91,10 +98,11 @@ def main() -> None:
             cfg = t.config.model_copy(deep=True)
             cfg.train.checkpoint_dir = str(root / "direct" / t.name)   # both sides write checkpoints
             configs.append(cfg.model_dump(mode="json"))
-        t0 = time.perf_counter()
+        t0, w0 = time.perf_counter(), time.time()
         with mp.get_context("spawn").Pool(args.processes) as pool:
-            direct_fit = pool.map(direct_trial, configs, chunksize=1)
+            direct_fit, begins, ends = zip(*pool.map(direct_trial, configs, chunksize=1))
         direct = time.perf_counter() - t0
+        direct_span = (w0, min(begins), max(ends), time.time())
         print(f"direct: {args.trials} trials, {args.processes} at a time: {direct:.1f} s", flush=True)
 
         yaml_path = root / "study.yaml"
@@ -102,8 +110,9 @@ def main() -> None:
         t0 = time.perf_counter()
         ray.init(num_cpus=args.processes, include_dashboard=False)  # as run_study would; timed apart
         ray_start = time.perf_counter() - t0
+        w0 = time.time()
         result = run_study(study, yaml_path, num_cpus=args.processes, verbose=0)
-        t1 = time.perf_counter()
+        t1, w1 = time.perf_counter(), time.time()
         ray.shutdown()
         ray_stop = time.perf_counter() - t1
         studied = time.perf_counter() - t0
@@ -114,6 +123,9 @@ def main() -> None:
                                       f"tags.mlflow.parentRunId = '{result.parent_run_id}'")
         phases = {k: statistics.median(r.data.metrics[f"trial_{k}_seconds"] for r in children)
                   for k in ("setup", "fit", "evaluations")}
+        # A trial began (run_trial entered) its setup before its child run was created.
+        begins = [r.info.start_time / 1000 - r.data.metrics["trial_setup_seconds"] for r in children]
+        study_span = (w0, min(begins), max(r.info.end_time / 1000 for r in children), w1)
 
     fit = statistics.median(direct_fit)
     print("\nPer trial, medians: the study's phases (MLflow metrics trial_*_seconds) against the direct fit")
@@ -131,6 +143,23 @@ def main() -> None:
           f"{100 * (studied - direct) / direct:+.1f} % | {studied - fixed:.1f} s | "
           f"{100 * (studied - fixed - direct) / direct:+.1f} % | {per_trial:+.1f} s of {trial:.0f} s "
           f"({100 * per_trial / trial:+.1f} %) |")
+
+    # The same split from the timelines: what is paid once per study (before the first trial
+    # begins, after the last ends) and what the trials in between cost beyond the direct ones.
+    study_once = study_span[1] - study_span[0] + study_span[3] - study_span[2]
+    direct_once = direct_span[1] - direct_span[0] + direct_span[3] - direct_span[2]
+    study_trials, direct_trials = study_span[2] - study_span[1], direct_span[2] - direct_span[1]
+    per_trial = (study_trials - direct_trials) * args.processes / args.trials
+    print(f"\nTimelines (first trial begins .. last trial ends):")
+    print("| | before the first trial | trials | after the last trial |")
+    print("|---|---|---|---|")
+    print(f"| direct (process pool) | {direct_span[1] - direct_span[0]:.1f} s | {direct_trials:.1f} s | "
+          f"{direct_span[3] - direct_span[2]:.1f} s |")
+    print(f"| study (after Ray start) | {study_span[1] - study_span[0]:.1f} s | {study_trials:.1f} s | "
+          f"{study_span[3] - study_span[2]:.1f} s |")
+    print(f"\nOnce per study: {study_once + fixed:.1f} s (Ray start/stop {fixed:.1f} s, driver and Tune "
+          f"{study_once:.1f} s) against {direct_once:.1f} s for the pool. Per trial: {per_trial:+.1f} s of "
+          f"{trial:.0f} s ({100 * per_trial / trial:+.1f} %).")
 
 
 if __name__ == "__main__":
