@@ -1,7 +1,7 @@
 """Ray Tune + MLflow overhead per trial: a study of N trials against the same trials run directly.
 
     python bench/bench_study_overhead.py                  # 4 trials of ~1 minute, 2 at a time
-    python bench/bench_study_overhead.py --trials 4 --epochs 2 --processes 2
+    python bench/bench_study_overhead.py --trials 4 --epochs 2 --processes 2 --repeats 3
 
 Both sides run the same N run configs (flying shapes, K = 3, small data, fixed epochs, one
 thread each) with the same number of processes at a time:
@@ -68,16 +68,73 @@ def direct_trial(config_json: dict) -> tuple[float, float, float]:
     return time.perf_counter() - t0, begin, time.time()
 
 
+def measure(root: Path, args: argparse.Namespace) -> dict[str, float]:
+    """One direct run and one study of the same trials, in fresh folders under ``root``."""
+    from nem_study import data
+    from nem_study.config import StudyConfig, expand_trials
+    from nem_study.study import run_study
+
+    import mlflow
+    import ray
+
+    root.mkdir()
+    study = StudyConfig.model_validate(study_dict(root, args.trials, args.epochs))
+    trials = expand_trials(study)
+    for t in trials:  # data generated once, outside both timings
+        data.ensure(t.config.data, progress=False)
+
+    configs = []
+    for t in trials:
+        cfg = t.config.model_copy(deep=True)
+        cfg.train.checkpoint_dir = str(root / "direct" / t.name)   # both sides write checkpoints
+        configs.append(cfg.model_dump(mode="json"))
+    t0, w0 = time.perf_counter(), time.time()
+    with mp.get_context("spawn").Pool(args.processes) as pool:
+        direct_fit, begins, ends = zip(*pool.map(direct_trial, configs, chunksize=1))
+    direct = time.perf_counter() - t0
+    direct_span = (w0, min(begins), max(ends), time.time())
+
+    yaml_path = root / "study.yaml"
+    yaml_path.write_text("# written by bench_study_overhead.py\n")
+    t0 = time.perf_counter()
+    ray.init(num_cpus=args.processes, include_dashboard=False, log_to_driver=False)  # timed apart
+    ray_start = time.perf_counter() - t0
+    w0 = time.time()
+    result = run_study(study, yaml_path, num_cpus=args.processes, verbose=0)
+    t1, w1 = time.perf_counter(), time.time()
+    ray.shutdown()
+    ray_stop = time.perf_counter() - t1
+    studied = time.perf_counter() - t0
+    assert len(result.finished) == args.trials, result
+    client = mlflow.MlflowClient(study.tracking.uri)
+    children = client.search_runs([client.get_experiment_by_name(study.experiment).experiment_id],
+                                  f"tags.mlflow.parentRunId = '{result.parent_run_id}'")
+    # A trial began (run_trial entered) its setup before its child run was created.
+    begins = [r.info.start_time / 1000 - r.data.metrics["trial_setup_seconds"] for r in children]
+    study_span = (w0, min(begins), max(r.info.end_time / 1000 for r in children), w1)
+    fixed = ray_start + ray_stop
+    m = {"direct": direct, "study": studied, "ray": fixed,
+         "per_trial_old": (studied - fixed - direct) * args.processes / args.trials,
+         "trial": direct * args.processes / args.trials,
+         "direct_fit": statistics.median(direct_fit),
+         "direct_before": direct_span[1] - direct_span[0], "direct_trials": direct_span[2] - direct_span[1],
+         "direct_after": direct_span[3] - direct_span[2],
+         "study_before": study_span[1] - study_span[0], "study_trials": study_span[2] - study_span[1],
+         "study_after": study_span[3] - study_span[2]}
+    m |= {k: statistics.median(r.data.metrics[f"trial_{k}_seconds"] for r in children)
+          for k in ("setup", "fit", "evaluations")}
+    m["once"] = m["study_before"] + m["study_after"] + fixed
+    m["per_trial"] = (m["study_trials"] - m["direct_trials"]) * args.processes / args.trials
+    return m
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--trials", type=int, default=4)
     p.add_argument("--epochs", type=int, default=2, help="epochs per trial (~35 s each on one core)")
     p.add_argument("--processes", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=1, help="direct/study pairs, one after the other")
     args = p.parse_args()
-
-    from nem_study import data
-    from nem_study.config import StudyConfig, expand_trials
-    from nem_study.study import run_study
 
     import mlflow
     import ray
@@ -85,81 +142,28 @@ def main() -> None:
 
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs; torch {torch.__version__}, "
           f"ray {ray.__version__}, mlflow {mlflow.__version__}, python {platform.python_version()}")
+    rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        root = Path(tmp)
-        os.environ["NEM_DATA_DIR"] = str(root / "data")
-        study = StudyConfig.model_validate(study_dict(root, args.trials, args.epochs))
-        trials = expand_trials(study)
-        for t in trials:  # data generated once, outside both timings
-            data.ensure(t.config.data, progress=False)
+        os.environ["NEM_DATA_DIR"] = str(Path(tmp) / "data")
+        for r in range(args.repeats):
+            rows.append(measure(Path(tmp) / f"repeat{r}", args))
+            m = rows[-1]
+            print(f"repeat {r + 1}: direct {m['direct']:.1f} s, study {m['study']:.1f} s; per trial "
+                  f"{m['per_trial']:+.1f} s of {m['trial']:.0f} s ({100 * m['per_trial'] / m['trial']:+.1f} %)",
+                  flush=True)
 
-        configs = []
-        for t in trials:
-            cfg = t.config.model_copy(deep=True)
-            cfg.train.checkpoint_dir = str(root / "direct" / t.name)   # both sides write checkpoints
-            configs.append(cfg.model_dump(mode="json"))
-        t0, w0 = time.perf_counter(), time.time()
-        with mp.get_context("spawn").Pool(args.processes) as pool:
-            direct_fit, begins, ends = zip(*pool.map(direct_trial, configs, chunksize=1))
-        direct = time.perf_counter() - t0
-        direct_span = (w0, min(begins), max(ends), time.time())
-        print(f"direct: {args.trials} trials, {args.processes} at a time: {direct:.1f} s", flush=True)
-
-        yaml_path = root / "study.yaml"
-        yaml_path.write_text("# written by bench_study_overhead.py\n")
-        t0 = time.perf_counter()
-        ray.init(num_cpus=args.processes, include_dashboard=False)  # as run_study would; timed apart
-        ray_start = time.perf_counter() - t0
-        w0 = time.time()
-        result = run_study(study, yaml_path, num_cpus=args.processes, verbose=0)
-        t1, w1 = time.perf_counter(), time.time()
-        ray.shutdown()
-        ray_stop = time.perf_counter() - t1
-        studied = time.perf_counter() - t0
-        assert len(result.finished) == args.trials, result
-        print(f"study:  {args.trials} trials on Ray Tune + MLflow, {args.processes} at a time: {studied:.1f} s")
-        client = mlflow.MlflowClient(study.tracking.uri)
-        children = client.search_runs([client.get_experiment_by_name(study.experiment).experiment_id],
-                                      f"tags.mlflow.parentRunId = '{result.parent_run_id}'")
-        phases = {k: statistics.median(r.data.metrics[f"trial_{k}_seconds"] for r in children)
-                  for k in ("setup", "fit", "evaluations")}
-        # A trial began (run_trial entered) its setup before its child run was created.
-        begins = [r.info.start_time / 1000 - r.data.metrics["trial_setup_seconds"] for r in children]
-        study_span = (w0, min(begins), max(r.info.end_time / 1000 for r in children), w1)
-
-    fit = statistics.median(direct_fit)
-    print("\nPer trial, medians: the study's phases (MLflow metrics trial_*_seconds) against the direct fit")
-    print("| worker start, imports, MLflow run (setup) | fit + test | direct fit + test | evaluations, Figure-4 panel |")
-    print("|---|---|---|---|")
-    print(f"| {phases['setup']:.1f} s | {phases['fit']:.1f} s | {fit:.1f} s | {phases['evaluations']:.1f} s |")
-    fixed = ray_start + ray_stop
-    per_trial = (studied - fixed - direct) * args.processes / args.trials
-    trial = direct * args.processes / args.trials
-    print(f"\nRay start {ray_start:.1f} s + stop {ray_stop:.1f} s: once per study, whatever its size.")
-    print(f"\n| trials | epochs each | processes | direct | study (Ray Tune + MLflow) | overhead | "
-          "study without Ray start/stop | overhead | per trial, without Ray start/stop |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    print(f"| {args.trials} | {args.epochs} | {args.processes} | {direct:.1f} s | {studied:.1f} s | "
-          f"{100 * (studied - direct) / direct:+.1f} % | {studied - fixed:.1f} s | "
-          f"{100 * (studied - fixed - direct) / direct:+.1f} % | {per_trial:+.1f} s of {trial:.0f} s "
-          f"({100 * per_trial / trial:+.1f} %) |")
-
-    # The same split from the timelines: what is paid once per study (before the first trial
-    # begins, after the last ends) and what the trials in between cost beyond the direct ones.
-    study_once = study_span[1] - study_span[0] + study_span[3] - study_span[2]
-    direct_once = direct_span[1] - direct_span[0] + direct_span[3] - direct_span[2]
-    study_trials, direct_trials = study_span[2] - study_span[1], direct_span[2] - direct_span[1]
-    per_trial = (study_trials - direct_trials) * args.processes / args.trials
-    print(f"\nTimelines (first trial begins .. last trial ends):")
-    print("| | before the first trial | trials | after the last trial |")
-    print("|---|---|---|---|")
-    print(f"| direct (process pool) | {direct_span[1] - direct_span[0]:.1f} s | {direct_trials:.1f} s | "
-          f"{direct_span[3] - direct_span[2]:.1f} s |")
-    print(f"| study (after Ray start) | {study_span[1] - study_span[0]:.1f} s | {study_trials:.1f} s | "
-          f"{study_span[3] - study_span[2]:.1f} s |")
-    print(f"\nOnce per study: {study_once + fixed:.1f} s (Ray start/stop {fixed:.1f} s, driver and Tune "
-          f"{study_once:.1f} s) against {direct_once:.1f} s for the pool. Per trial: {per_trial:+.1f} s of "
-          f"{trial:.0f} s ({100 * per_trial / trial:+.1f} %).")
+    print(f"\n{args.trials} trials of {args.epochs} epochs, {args.processes} at a time; one row per repeat, "
+          "then the median. Per study: Ray start/stop, and the driver's and Tune's work before the first trial "
+          "begins and after the last ends. Per trial: the span from the first trial's begin to the last one's "
+          "end, against the direct pool's, times processes / trials.")
+    print("| repeat | direct | study | once per study | setup (median) | study fit + test (median) | "
+          "direct fit + test (median) | per trial |")
+    print("|---|---|---|---|---|---|---|---|")
+    for i, m in enumerate(rows + [{k: statistics.median(r[k] for r in rows) for k in rows[0]}]):
+        name = str(i + 1) if i < len(rows) else "**median**"
+        print(f"| {name} | {m['direct']:.1f} s | {m['study']:.1f} s | {m['once']:.1f} s (Ray {m['ray']:.1f} s) | "
+              f"{m['setup']:.1f} s | {m['fit']:.1f} s | {m['direct_fit']:.1f} s | "
+              f"{m['per_trial']:+.1f} s of {m['trial']:.0f} s ({100 * m['per_trial'] / m['trial']:+.1f} %) |")
 
 
 if __name__ == "__main__":
