@@ -11,16 +11,13 @@ thread each) with the same number of processes at a time:
   one CPU per trial, every epoch reported to Tune with its checkpoint and logged to MLflow
   (SQLite), evaluations none, final artifacts (checkpoint, tables, the groupings panel).
 
-Overhead = (study wall time - direct wall time) / direct wall time. Ray's start and stop are
-inside the study's wall time; they are paid once per study, so they are also timed apart and
-the per-trial overhead is (study - Ray start/stop - direct) x processes / trials. The study's
-trials log where their own time went (``trial_setup|fit|evaluations_seconds``), printed as
-medians beside the direct trials' fit.
-
-That per-trial figure still holds the driver's own once-per-study work (the tracking store
-check, the parent run, the data check, Tune's start). The timelines separate it: each side's
-span from the first trial's begin to the last trial's end is what the trials cost; the rest is
-paid once per study. A study trial's begin is its MLflow child run's start minus its setup.
+What a study pays once, whatever its size, is timed apart: Ray's start and stop, and the
+driver's and Tune's work before the first trial begins and after the last one ends (the
+tracking store check, the parent run, the data check, Tune's start). The per-trial overhead
+is the span from the first trial's begin to the last one's end, study against direct pool,
+times processes / trials. A study trial's begin is its MLflow child run's start minus its
+setup (``trial_setup_seconds``); the medians of its setup and fit phases are printed beside
+the direct trials' fit. ``--repeats`` runs several direct/study pairs and adds their median.
 """
 
 from __future__ import annotations
@@ -113,19 +110,13 @@ def measure(root: Path, args: argparse.Namespace) -> dict[str, float]:
     begins = [r.info.start_time / 1000 - r.data.metrics["trial_setup_seconds"] for r in children]
     study_span = (w0, min(begins), max(r.info.end_time / 1000 for r in children), w1)
     fixed = ray_start + ray_stop
-    m = {"direct": direct, "study": studied, "ray": fixed,
-         "per_trial_old": (studied - fixed - direct) * args.processes / args.trials,
-         "trial": direct * args.processes / args.trials,
-         "direct_fit": statistics.median(direct_fit),
-         "direct_before": direct_span[1] - direct_span[0], "direct_trials": direct_span[2] - direct_span[1],
-         "direct_after": direct_span[3] - direct_span[2],
-         "study_before": study_span[1] - study_span[0], "study_trials": study_span[2] - study_span[1],
-         "study_after": study_span[3] - study_span[2]}
-    m |= {k: statistics.median(r.data.metrics[f"trial_{k}_seconds"] for r in children)
-          for k in ("setup", "fit", "evaluations")}
-    m["once"] = m["study_before"] + m["study_after"] + fixed
-    m["per_trial"] = (m["study_trials"] - m["direct_trials"]) * args.processes / args.trials
-    return m
+    study_trials, direct_trials = study_span[2] - study_span[1], direct_span[2] - direct_span[1]
+    return {"direct": direct, "study": studied, "ray": fixed,
+            "once": study_span[1] - study_span[0] + study_span[3] - study_span[2] + fixed,
+            "trial": direct * args.processes / args.trials,
+            "per_trial": (study_trials - direct_trials) * args.processes / args.trials,
+            "direct_fit": statistics.median(direct_fit)} | \
+        {k: statistics.median(r.data.metrics[f"trial_{k}_seconds"] for r in children) for k in ("setup", "fit")}
 
 
 def main() -> None:

@@ -67,14 +67,15 @@ def run_trial(config: dict[str, Any], *, trials: list[dict[str, Any]], study: St
         cfg = RunConfig.model_validate(trial["config"])
     cfg.train.threads = cfg.train.threads or threads
     run_id = tracking.start_child(tracking_uri, parent_run_id, trial, cfg)
+    # After a restart or a resumed study, epochs between the last checkpoint and the crash run
+    # again; MLflow keeps their first values, so each epoch is in the history once.
+    logged = tracking.logged_iterations(tracking_uri, run_id)
     trial_dir = Path(tune.get_context().get_trial_dir())  # synced to storage: the panels
+    panel = trial_dir / "groupings.png"
     # The trainer's own last.pt/best.pt stay out of the synced folder: Tune copies them to
     # storage as its checkpoints already, and they are large (40 MB for flying shapes).
     checkpoint_dir = Path(tempfile.mkdtemp(prefix="nem-checkpoints-"))
     cfg.train.checkpoint_dir = str(checkpoint_dir)
-    # After a restart or a resumed study, epochs between the last checkpoint and the crash run
-    # again; MLflow keeps their first values, so each epoch is in the history once.
-    logged = tracking.logged_iterations(tracking_uri, run_id)
 
     def report(metrics: dict[str, Any], ckpt_dir: Path | None) -> None:
         if int(metrics["iteration"]) not in logged:
@@ -86,12 +87,12 @@ def run_trial(config: dict[str, Any], *, trials: list[dict[str, Any]], study: St
         resume = _restore(tune.get_checkpoint(), checkpoint_dir)
         t_fit = time.monotonic()
         result = fit_curriculum(cfg, lambda spec, split: data.load(spec, split, progress=False),
-                                report=report, resume=resume, panel=trial_dir / "groupings.png")
+                                report=report, resume=resume, panel=panel)
         t_evaluations = time.monotonic()
         evaluations = run_evaluations(study, cfg, result.get("checkpoint"), trial_dir)
         result |= {"trial_setup_seconds": t_fit - t_start, "trial_fit_seconds": t_evaluations - t_fit,
                    "trial_evaluations_seconds": time.monotonic() - t_evaluations}
-        tracking.log_final(tracking_uri, run_id, result, evaluations, trial_dir / "groupings.png")
+        tracking.log_final(tracking_uri, run_id, result, evaluations, panel)
     except SystemExit:  # Tune stopped the trial (the scheduler, or the study ending): not a failure
         tracking.mark_stopped(tracking_uri, run_id, "stopped by Ray Tune (scheduler)")
         raise
