@@ -311,8 +311,10 @@ def test_the_submitted_study_runs_its_trials_on_both_nodes(cluster):
     from ray.util.state import list_nodes
 
     nodes = {n.node_id: n.is_head_node for n in list_nodes(address=cluster["dashboard"])}
-    trial_actors = cluster["trial_actors"]  # two trials, and the restart of the one whose node died
-    assert len(trial_actors) == 3 and {a.node_id for a in trial_actors} == set(nodes), (trial_actors, nodes)
+    # One actor per node for the two trials. The restart of the trial whose node died gets a new
+    # actor on the head, or (reuse_actors) the head's actor once its own trial is done.
+    trial_actors = cluster["trial_actors"]
+    assert len(trial_actors) in (2, 3) and {a.node_id for a in trial_actors} == set(nodes), (trial_actors, nodes)
 
 
 def test_a_trial_whose_node_died_resumed_on_the_head_from_its_checkpoint(cluster):
