@@ -209,7 +209,10 @@ def print_trials(study_path: str, study, trials) -> None:
     if d is not None:
         print(f"  {d.name}, {d.train}/{d.valid}/{d.test} sequences, {d.frames} frame(s), "
               f"max {trials[0].config.train.max_epochs} epochs; {study.resources.cpu:g} CPU, "
-              f"{study.resources.gpu:g} GPU per trial")
+              f"{study.resources.gpu:g} GPU per {'Ray trial' if study.ensemble else 'trial'}")
+    if study.ensemble:
+        print(f"  ensemble: the {study.seeds} seed(s) of each grid cell train together in one Ray trial "
+              f"({len(trials) // study.seeds} Ray trial(s)), one MLflow child run per seed")
     if study.scheduler is not None:
         print(f"  ASHA on valid_loss: grace period {study.scheduler.grace_period} epoch(s), "
               f"reduction factor {study.scheduler.reduction_factor:g}")

@@ -380,6 +380,8 @@ class StudyConfig(Strict):
     scheduler: SchedulerConfig | None = Field(None, description="ASHA on the validation loss")
     evaluations: list[EvaluationConfig] = Field(
         default_factory=list, description="generalisation tests after training; metrics eval/<name>/...")
+    ensemble: bool = Field(False, description="train the seeds of each grid cell together as one vectorised "
+                           "Ray trial (one MLflow child run per seed still); for GPUs: BENCHMARKS.md")
 
     # The base as written: grid values are applied to it before defaults are resolved, so a
     # grid over data.name still gets each data set's own defaults.
@@ -407,6 +409,8 @@ class StudyConfig(Strict):
         if study is not None and study.search is not None and study.seeds > 1:
             problems.append(_detail(("seeds",), "seeds", "with `search`, each sampled config is trained once "
                                     "(base.train.seed); use seeds: 1", study.seeds))
+        if study is not None and study.ensemble:
+            problems += _ensemble_problems(study)
         if study is not None:
             labels = [e.label for e in study.evaluations]
             for i, label in enumerate(labels):
@@ -521,6 +525,21 @@ def _grid_problems(base_raw: dict[str, Any], grid: dict[str, Any]) -> list[InitE
             for loc, kind, msg, _ in _errors(_with_values(base_raw, {key: value})):
                 if loc == tuple(parts) or (loc, msg) not in base_errors:
                     problems.append(_detail(("grid", f"{key}[{i}]"), kind, msg, value))
+    return problems
+
+
+def _ensemble_problems(study: StudyConfig) -> list[InitErrorDetails]:
+    """What an ensemble (the seeds of a cell stacked in one trial) cannot do."""
+    why = {"search": "a search trains each sampled config once; there are no seeds to stack",
+           "scheduler": "ASHA would stop all seeds of a cell at once; run without `scheduler`"}
+    problems = [_detail((key,), "ensemble", f"not with `ensemble: true`: {msg}", getattr(study, key))
+                for key, msg in why.items() if getattr(study, key) is not None]
+    if study.base.data.curriculum or "data.curriculum" in study.grid:
+        problems.append(_detail(("ensemble",), "ensemble", "a curriculum is trained stage by stage in "
+                                "single trials; set `ensemble: false`", True))
+    if study.base.train.compile:
+        problems.append(_detail(("base", "train", "compile"), "ensemble", "not with `ensemble: true` "
+                                "(the vmapped ensemble runs the eager network)", True))
     return problems
 
 

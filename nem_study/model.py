@@ -236,8 +236,12 @@ class NEM(nn.Module):
         out = out.float()  # keep the likelihoods in fp32 under autocast
         return torch.sigmoid(out) if self.cfg.pixel == "bernoulli" else out
 
-    def init_state(self, x: Tensor, k: int, generator: torch.Generator | None = None):
-        """h = 0, psi_0 = 0 or the per-image median, gamma_0 = |N(0, 1)| normalised over K (§1)."""
+    def init_state(self, x: Tensor, k: int, generator: torch.Generator | None = None, noise: Tensor | None = None):
+        """h = 0, psi_0 = 0 or the per-image median, gamma_0 = |N(0, 1)| normalised over K (§1).
+
+        ``noise``: the N(0, 1) draw of gamma_0, (B, K, C, H, W), when the caller makes it (under
+        ``vmap``, which cannot draw from a generator); else it is drawn here from ``generator``.
+        """
         B = x.shape[0]
         h = x.new_zeros(B * k, self.cfg.hidden)                      # (B*K, Z)
         if self.cfg.psi_init == "median":
@@ -245,22 +249,26 @@ class NEM(nn.Module):
             psi = med.expand(B, k, *x.shape[1:]).clone()             # (B, K, C, H, W)
         else:
             psi = x.new_zeros(B, k, *x.shape[1:])                    # (B, K, C, H, W)
-        noise = torch.randn(psi.shape, generator=generator, device=x.device).abs()
+        if noise is None:
+            noise = torch.randn(psi.shape, generator=generator, device=x.device)
+        noise = noise.abs()                                          # (B, K, C, H, W)
         gamma = noise / noise.sum(1, keepdim=True).clamp_min(1e-12)  # (B, K, C, H, W)
         return h, psi, gamma
 
     def forward(self, inputs: Tensor, targets: Tensor, k: int | None = None,
-                generator: torch.Generator | None = None, collect: bool = False) -> EMOutput:
+                generator: torch.Generator | None = None, collect: bool = False,
+                noise: Tensor | None = None) -> EMOutput:
         """Run T EM steps.
 
         inputs:  (T, B, C, H, W) the noisy x_tilde seen at each step
         targets: (T, B, C, H, W) the clean target of each step (next frame, or the image)
+        noise:   (B, K, C, H, W) gamma_0's N(0, 1) draw, or None to draw it from ``generator``
         """
         cfg = self.cfg
         k = k or cfg.k
         T, B = inputs.shape[:2]
         sign = 1.0 if cfg.input_sign == "x_minus_psi" else -1.0
-        h, psi, gamma = self.init_state(inputs[0], k, generator)
+        h, psi, gamma = self.init_state(inputs[0], k, generator, noise)
         intra, inter, gammas, psis = [], [], [], []
         for t in range(T):
             g = gamma.detach() if cfg.gamma_gradient == "stop" else gamma

@@ -22,8 +22,8 @@ from pathlib import Path
 from typing import Any
 
 from nem_study import tracking
-from nem_study.config import (InputError, RunConfig, SpaceConfig, StudyConfig, TrialSpec, expand_trials,
-                              sampled_name)
+from nem_study.config import (InputError, RunConfig, SpaceConfig, StudyConfig, TrialSpec, cell_name,
+                              expand_trials, sampled_name)
 
 CHECKPOINTS_KEPT = 2          # Tune's copies per trial; each holds last.pt (resume) and best.pt
 CPUS_ENV = "NEM_RAY_CPUS"     # CPUs of a local Ray instance (default: all of this machine)
@@ -101,6 +101,71 @@ def run_trial(config: dict[str, Any], *, trials: list[dict[str, Any]], study: St
         raise  # Ray marks the trial failed (and restarts it up to max_failures times)
     finally:
         shutil.rmtree(checkpoint_dir, ignore_errors=True)  # this worker may run the next trial
+
+
+def run_ensemble_trial(config: dict[str, Any], *, trials: list[dict[str, Any]], study: StudyConfig,
+                       tracking_uri: str, parent_run_id: str, data_dir: str, threads: int) -> None:
+    """``ensemble: true``: the seeds of one grid cell (``config["members"]``, TrialSpec indices)
+    trained together by ``fit_ensemble`` in one Tune trial, each seed in its own MLflow child run.
+
+    Tune sees the members' mean losses and AMI per epoch and one checkpoint folder holding
+    every member's (``seed<s>/``); each seed's panels are in ``seed<s>/`` of the trial folder.
+    """
+    t_start = time.monotonic()
+    from ray import tune
+
+    from nem_study import data
+    from nem_study.ensemble import fit_ensemble, member_dir
+    from nem_study.train import NonFiniteLoss
+
+    members = [trials[i] for i in config["members"]]
+    os.environ["NEM_DATA_DIR"] = data_dir
+    cfgs = [RunConfig.model_validate(m["config"]) for m in members]
+    run_ids = [tracking.start_child(tracking_uri, parent_run_id, m, c) for m, c in zip(members, cfgs)]
+    logged = [tracking.logged_iterations(tracking_uri, r) for r in run_ids]
+    trial_dir = Path(tune.get_context().get_trial_dir())
+    panels = [member_dir(trial_dir, m["seed"]) / "groupings.png" for m in members]
+    for panel in panels:
+        panel.parent.mkdir(parents=True, exist_ok=True)
+    checkpoint_dir = Path(tempfile.mkdtemp(prefix="nem-checkpoints-"))  # as in run_trial
+    for c in cfgs:
+        c.train.threads = c.train.threads or threads
+        c.train.checkpoint_dir = str(checkpoint_dir)
+
+    def report(by_member: dict[int, dict[str, Any]], ckpt_dir: Path | None) -> None:
+        for e, metrics in by_member.items():
+            if metrics["epoch"] not in logged[e]:
+                tracking.log_epoch(tracking_uri, run_ids[e], metrics | {"stage": 1, "iteration": metrics["epoch"]})
+        mean = {key: sum(m[key] for m in by_member.values()) / len(by_member)
+                for key in ("train_loss", "valid_loss", "valid_ami", "valid_ami_last", "best_valid_loss")}
+        epoch = next(iter(by_member.values()))["epoch"]
+        summary = mean | {"epoch": epoch, "iteration": epoch, "members_training": len(by_member),
+                          "sequences_per_second": sum(m["sequences_per_second"] for m in by_member.values())}
+        tune.report(summary, checkpoint=tune.Checkpoint.from_directory(str(ckpt_dir)) if ckpt_dir else None)
+
+    try:
+        resume = _restore(tune.get_checkpoint(), checkpoint_dir)
+        t_fit = time.monotonic()
+        splits = {split: data.load(cfgs[0].data, split, progress=False) for split in ("train", "valid", "test")}
+        results = fit_ensemble(cfgs, splits, report=report, resume=resume, panel=lambda e: panels[e])
+        t_evaluations = time.monotonic()
+        for e, result in enumerate(results):
+            if "failed" in result:
+                tracking.mark_failed(tracking_uri, run_ids[e], NonFiniteLoss(result["failed"]))
+                continue
+            evaluations = run_evaluations(study, cfgs[e], result.get("checkpoint"), panels[e].parent)
+            result |= {"trial_setup_seconds": t_fit - t_start, "trial_fit_seconds": t_evaluations - t_fit}
+            tracking.log_final(tracking_uri, run_ids[e], result, evaluations, panels[e])
+    except SystemExit:
+        for run_id in run_ids:
+            tracking.mark_stopped(tracking_uri, run_id, "stopped by Ray Tune")
+        raise
+    except BaseException as e:
+        for run_id in run_ids:
+            tracking.mark_failed(tracking_uri, run_id, e)
+        raise
+    finally:
+        shutil.rmtree(checkpoint_dir, ignore_errors=True)
 
 
 def run_evaluations(study: StudyConfig, cfg: RunConfig, checkpoint: str | None, trial_dir: Path) -> list[dict[str, Any]]:
@@ -192,6 +257,12 @@ def _experiments(study: StudyConfig, trials: list[TrialSpec]) -> list[_Experimen
     """
     from ray import tune
 
+    if study.ensemble:  # one Tune trial per grid cell, its seeds stacked (run_ensemble_trial)
+        cells = [trials[i:i + study.seeds] for i in range(0, len(trials), study.seeds)]
+        return [_Experiment(
+            study.name, {"members": tune.grid_search([[t.index for t in cell] for cell in cells])},
+            lambda t: ensemble_name([trials[i] for i in t.config["members"]]),
+            lambda t: f"{t.config['members'][0]:03d}_" + _safe(ensemble_name([trials[i] for i in t.config["members"]])))]
     if study.search is None:
         return [_Experiment(
             study.name, {"trial": tune.grid_search([t.index for t in trials])},
@@ -213,6 +284,12 @@ def _experiments(study: StudyConfig, trials: list[TrialSpec]) -> list[_Experimen
         for trial in trials]
 
 
+def ensemble_name(members: list[TrialSpec]) -> str:
+    """``k=3,seeds=0-2``: the Tune trial of a grid cell's stacked seeds."""
+    seeds = f"seeds={members[0].seed}-{members[-1].seed}" if len(members) > 1 else f"seed={members[0].seed}"
+    return ",".join(filter(None, [cell_name(members[0].cell), seeds]))
+
+
 def _tune_domain(spec: SpaceConfig) -> Any:
     from ray import tune
 
@@ -231,7 +308,7 @@ def _tuner(study: StudyConfig, trials: list[TrialSpec], experiment: _Experiment,
     from nem_study import data
 
     trainable = tune.with_parameters(
-        run_trial, trials=[t.to_json() for t in trials], study=study, tracking_uri=uri,
+        run_ensemble_trial if study.ensemble else run_trial, trials=[t.to_json() for t in trials], study=study, tracking_uri=uri,
         parent_run_id=parent_run_id, data_dir=str(data.data_dir().resolve()),
         threads=max(1, int(study.resources.cpu)))
     trainable = tune.with_resources(trainable, {"cpu": study.resources.cpu, "gpu": study.resources.gpu})
@@ -269,6 +346,13 @@ def _scheduler(study: StudyConfig, trials: list[TrialSpec]) -> Any:
                          grace_period=study.scheduler.grace_period,
                          reduction_factor=study.scheduler.reduction_factor,
                          stop_last_trials=False)  # a trial at max_t still ends itself, with its test
+
+
+def _result_names(trials: list[TrialSpec], study: StudyConfig, result: Any) -> list[str]:
+    """The trial names (MLflow child runs) a Tune result stands for: an ensemble's seeds, or one."""
+    if study.ensemble:
+        return [trials[i].name for i in result.config["members"]]
+    return [_result_name(trials, study, result)]
 
 
 def _result_name(trials: list[TrialSpec], study: StudyConfig, result: Any) -> str:
@@ -366,14 +450,17 @@ def run_study(study: StudyConfig, study_yaml: str | Path, address: str | None = 
 
     result = StudyResult(parent_run_id)
     for r in rows:
-        name = _result_name(trials, study, r)
-        if r.error is not None:
-            result.failed[name] = str(r.error).strip().splitlines()[-1][:300] if str(r.error).strip() \
-                else type(r.error).__name__
-        else:
-            result.finished.append(name)
+        for name in _result_names(trials, study, r):
+            if r.error is not None:
+                result.failed[name] = str(r.error).strip().splitlines()[-1][:300] if str(r.error).strip() \
+                    else type(r.error).__name__
+            else:
+                result.finished.append(name)
     for run in tracking.child_runs(uri, parent_run_id):
         name = run.data.tags.get(tracking.TRIAL_TAG, run.info.run_name)
+        if run.info.status == "FAILED" and name in result.finished:  # an ensemble member that failed alone
+            result.finished.remove(name)
+            result.failed[name] = run.data.tags.get("failure_reason", "failed")[:300]
         if run.info.status == "RUNNING" and name not in result.failed:
             # Its Tune trial ended without an error or a result: stopped early by ASHA, and its
             # worker went before it could say so.

@@ -270,7 +270,7 @@ def fit(cfg: RunConfig, splits: Mapping[str, Split], report: Report | None = Non
         # Shuffling and noise depend only on (seed, epoch): a resumed run repeats them exactly.
         order = np.random.default_rng([tc.seed, epoch]).permutation(len(train))
         gen = torch.Generator(device).manual_seed(tc.seed * 1_000_003 + epoch)
-        bar = _progress(n_batches, f"epoch {epoch}", progress)
+        bar = progress_bar(n_batches, f"epoch {epoch}", progress)
         total = 0.0
         for b in range(n_batches):
             idx = np.sort(order[b * tc.batch_size:(b + 1) * tc.batch_size])
@@ -402,7 +402,7 @@ def fit_curriculum(cfg: RunConfig, load: Callable[[Any, str], Split], report: Re
     return result
 
 
-def _progress(total: int, desc: str, enabled: bool):
+def progress_bar(total: int, desc: str, enabled: bool):
     if not enabled:
         return None
     from tqdm import tqdm

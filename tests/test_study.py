@@ -430,3 +430,40 @@ def test_uris_pass_through_and_local_paths_become_absolute(tmp_path, monkeypatch
     assert study.tracking.artifacts == "./mlartifacts"
     server = StudyConfig.model_validate({"name": "s", "tracking": {"uri": "http://mlflow:5000"}})
     assert server.tracking.artifacts is None
+
+
+def test_an_ensemble_study_stacks_the_seeds_of_a_cell_and_logs_one_child_run_per_seed(tmp_path, local_ray):
+    """``ensemble: true``: one Tune trial per grid cell, each seed its own MLflow child run,
+    trained as ``fit`` trains it alone."""
+    from nem_study.study import run_study
+    from nem_study.train import fit
+
+    from conftest import make_splits
+
+    path = study_yaml(tmp_path, "  model.k: [2, 3]", extra="ensemble: true\nevaluations:\n  - {k: 4}\n")
+    study = load_study_config(path)
+    result = run_study(study, path, verbose=0)
+    names = ["k=2,seed=0", "k=2,seed=1", "k=3,seed=0", "k=3,seed=1"]
+    assert sorted(result.finished) == names and not result.failed
+
+    folders = sorted((tmp_path / "ray_results" / "tiny").glob("0*"))
+    assert [f.name for f in folders] == ["000_k=2,seeds=0-1", "002_k=3,seeds=0-1"]
+    for folder in folders:
+        checkpoints = list(folder.glob("checkpoint_*"))
+        assert checkpoints and all((c / f"seed{s}" / "last.pt").is_file() for c in checkpoints for s in (0, 1))
+        for s in (0, 1):
+            assert {"groupings.png", "groupings-k4.png"} <= {p.name for p in (folder / f"seed{s}").iterdir()}
+
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    children = runs_by_name(tmp_path, result.parent_run_id)
+    assert sorted(children) == names
+    for name, run in children.items():
+        assert run.info.status == "FINISHED"
+        for metric in ("train_loss", "valid_loss", "valid_ami", "iteration"):
+            assert [m.step for m in client.get_metric_history(run.info.run_id, metric)] == [1, 2], metric
+        assert {"test_ami", "eval/k4/ami"} <= set(run.data.metrics)
+        assert {"groupings.png", "groupings-k4.png", "checkpoint"} <= {a.path for a in client.list_artifacts(run.info.run_id)}
+    # A member's run is the run fit makes alone with that config.
+    k3_seed1 = study.run_config({"model.k": 3}, 1)
+    alone = fit(k3_seed1, make_splits(k3_seed1))
+    assert children["k=3,seed=1"].data.metrics["test_loss"] == pytest.approx(alone["test_loss"], rel=1e-5)

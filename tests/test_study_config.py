@@ -119,6 +119,10 @@ def test_same_field_name_in_two_sections_uses_dotted_keys(tmp_path):
      "search.space.noise.prob.choices[1]: Input should be less than or equal to 1 (got 2.0)"),
     ("name: s\nseeds: 2\nsearch: {n_trials: 2, space: {train.lr: {low: 0.001, high: 0.01}}}\n",
      "seeds: with `search`, each sampled config is trained once"),
+    ("name: s\nensemble: true\nscheduler: {grace_period: 1}\n", "scheduler: not with `ensemble: true`"),
+    ("name: s\nensemble: true\nbase:\n  data: {name: flying_mnist}\ngrid:\n  data.curriculum: [null, [20, 500]]\n",
+     "ensemble: a curriculum is trained stage by stage"),
+    ("name: s\nensemble: true\nbase:\n  train: {compile: true}\n", "base.train.compile: not with `ensemble: true`"),
     ("grid: {}\n", "name: Field required"),
     ("name: a b\n", "name: String should match pattern"),
 ])
@@ -166,6 +170,9 @@ def test_validate_prints_the_trials(tmp_path):
     assert r.returncode == 0, r.stderr
     assert "8 trial(s) (4 grid cell(s) x 2 seed(s))" in r.stdout
     assert "k=3,objects=3,seed=11" in r.stdout
+    r = cli("validate", write(tmp_path, VALID), "--set", "ensemble=true")
+    assert r.returncode == 0, r.stderr
+    assert "the 2 seed(s) of each grid cell train together in one Ray trial (4 Ray trial(s))" in r.stdout
 
 
 SEARCH = """
