@@ -1,11 +1,17 @@
-"""Trials packed onto one GPU with Ray's fractional resources: aggregate sequences / s.
+"""Several trials on one device: aggregate sequences / s, two ways (issue 6).
 
-N = 1, 2, 4, 8 Ray tasks, each asking for 1/N of the GPU, each training the flying-shapes
-network (batch 64, T = 20) for ``--seconds`` after a warm-up; the aggregate rate is the sum of
-their sequences / s. Target (issue 6): 8 trials give at least 4x the rate of one.
+- ``--mode ray``: N = 1, 2, 4, 8 Ray tasks, each asking for 1/N of the GPU, each training the
+  flying-shapes network (batch 64, T = 20) for ``--seconds`` after a warm-up; the aggregate
+  rate is the sum of their sequences / s.
+- ``--mode ensemble``: N members stacked in one process (``nem_study.ensemble.Stack``, the
+  ``ensemble: true`` study mode): one vmapped step trains all N; the aggregate rate is N x batch
+  x steps / s.
 
-    .venv/bin/python bench/bench_packing.py                          # a GPU machine
-    .venv/bin/python bench/bench_packing.py --device cpu --trials 1 2 --seconds 5   # smoke run
+Target (issue 6): 8 trials give at least 4x the rate of one.
+
+    .venv/bin/python bench/bench_packing.py --mode ray                # a GPU machine
+    .venv/bin/python bench/bench_packing.py --mode ensemble
+    .venv/bin/python bench/bench_packing.py --device cpu --mode ensemble --threads 2 --trials 1 2 4 --seconds 30
 """
 
 from __future__ import annotations
@@ -36,6 +42,46 @@ def train_for(seconds: float, device: str, precision: str, batch: int) -> float:
     return n * batch / (time.perf_counter() - t0)
 
 
+def ensemble_rate(n: int, seconds: float, device: str, precision: str, batch: int) -> float:
+    """Aggregate sequences / s of n members trained as one vmapped stack, after one warm-up step."""
+    import torch
+
+    from nem_study.config import RunConfig
+    from nem_study.ensemble import Stack
+    from nem_study.model import NEM
+    from nem_study.train import autocast, corrupt, to_steps
+
+    cfg = RunConfig.model_validate({"data": {"name": "flying_shapes"}})
+    dev = torch.device(device)
+    S, F, K = cfg.data.image_size, cfg.data.frames, cfg.model.k
+    models = []
+    for seed in range(n):
+        torch.manual_seed(seed)
+        models.append(NEM(cfg.model, S).to(dev))
+    stack = Stack(models[0], [m.state_dict() for m in models], [None] * n, cfg.train.lr)
+    frames = (torch.rand(n, batch, F, S, S, device=dev) > 0.85).float()
+    gen = torch.Generator(dev).manual_seed(0)
+
+    def step() -> None:
+        xs, ts = zip(*(to_steps(frames[e], cfg.steps, False) for e in range(n)))
+        x_tilde = corrupt(torch.stack(xs), cfg.noise, gen)                 # (N, T, B, 1, H, W)
+        noise = torch.randn((n, batch, K, 1, S, S), generator=gen, device=dev)
+        with autocast(dev, precision):
+            loss, _, _ = stack.losses(x_tilde, torch.stack(ts), noise)
+        stack.optimizer.zero_grad(set_to_none=True)
+        loss.sum().backward()
+        stack.optimizer.step()
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+
+    step()
+    steps, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        step()
+        steps += 1
+    return steps * n * batch / (time.perf_counter() - t0)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--trials", type=int, nargs="+", default=[1, 2, 4, 8])
@@ -43,7 +89,11 @@ def main() -> None:
     p.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
     p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--mode", default="ray", choices=["ray", "ensemble"])
+    p.add_argument("--threads", type=int, default=1, help="torch threads (the ensemble process; Ray tasks use 1)")
     args = p.parse_args()
+    if args.mode == "ensemble":
+        return main_ensemble(args)
 
     import ray
     import torch
@@ -61,6 +111,22 @@ def main() -> None:
         rates = ray.get([task.options(num_gpus=gpus / n, num_cpus=0).remote(
             args.seconds, args.device, args.precision, args.batch) for _ in range(n)])
         total = sum(rates)
+        one = one or total / n
+        print(f"| {n} | {total:.1f} | {total / n:.1f} | {total / one:.2f}x |", flush=True)
+
+
+def main_ensemble(args: argparse.Namespace) -> None:
+    import torch
+
+    torch.set_num_threads(args.threads)
+    name = torch.cuda.get_device_name() if args.device == "cuda" else platform.processor() or platform.machine()
+    print(f"device: {name}; torch {torch.__version__}; {args.threads} thread(s); ensemble (vmap); "
+          f"{args.precision}, batch {args.batch}\n")
+    print("| members in the stack | aggregate sequences / s | per member | vs one |")
+    print("|---|---|---|---|")
+    one = None
+    for n in args.trials:
+        total = ensemble_rate(n, args.seconds, args.device, args.precision, args.batch)
         one = one or total / n
         print(f"| {n} | {total:.1f} | {total / n:.1f} | {total / one:.2f}x |", flush=True)
 
