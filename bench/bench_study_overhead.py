@@ -18,6 +18,12 @@ is the span from the first trial's begin to the last one's end, study against di
 times processes / trials. A study trial's begin is its MLflow child run's start minus its
 setup (``trial_setup_seconds``); the medians of its setup and fit phases are printed beside
 the direct trials' fit. ``--repeats`` runs several direct/study pairs and adds their median.
+
+The span comparison carries the run-to-run drift of the training speed (several seconds per
+minute on these machines). So each trial is also split in-process: pure training (the fit and
+test, less ``trial_report_seconds``, the time handing epochs to MLflow and Tune) and the rest.
+"Added in-trial" is what the study adds to the rest, median study trial against median direct
+trial; "training, study / direct" shows whether training itself runs slower in a Ray worker.
 """
 
 from __future__ import annotations
@@ -87,9 +93,9 @@ def measure(root: Path, args: argparse.Namespace) -> dict[str, float]:
         configs.append(cfg.model_dump(mode="json"))
     t0, w0 = time.perf_counter(), time.time()
     with mp.get_context("spawn").Pool(args.processes) as pool:
-        direct_fit, begins, ends = zip(*pool.map(direct_trial, configs, chunksize=1))
+        direct_fit, begins_direct, ends = zip(*pool.map(direct_trial, configs, chunksize=1))
     direct = time.perf_counter() - t0
-    direct_span = (w0, min(begins), max(ends), time.time())
+    direct_span = (w0, min(begins_direct), max(ends), time.time())
 
     yaml_path = root / "study.yaml"
     yaml_path.write_text("# written by bench_study_overhead.py\n")
@@ -109,14 +115,23 @@ def measure(root: Path, args: argparse.Namespace) -> dict[str, float]:
     # A trial began (run_trial entered) its setup before its child run was created.
     begins = [r.info.start_time / 1000 - r.data.metrics["trial_setup_seconds"] for r in children]
     study_span = (w0, min(begins), max(r.info.end_time / 1000 for r in children), w1)
+    # Measured inside each trial, free of the run-to-run drift of the training speed: the time
+    # a trial spends outside pure training (setup, reporting epochs, final logging), study
+    # trial against direct trial (process start and imports).
+    m = [r.data.metrics for r in children]
+    study_training = [x["trial_fit_seconds"] - x["trial_report_seconds"] for x in m]
+    study_added = [r.info.end_time / 1000 - b - t for r, b, t in zip(children, begins, study_training)]
+    direct_added = [e - b - f for f, b, e in zip(direct_fit, begins_direct, ends)]
     fixed = ray_start + ray_stop
     study_trials, direct_trials = study_span[2] - study_span[1], direct_span[2] - direct_span[1]
     return {"direct": direct, "study": studied, "ray": fixed,
             "once": study_span[1] - study_span[0] + study_span[3] - study_span[2] + fixed,
             "trial": direct * args.processes / args.trials,
             "per_trial": (study_trials - direct_trials) * args.processes / args.trials,
-            "direct_fit": statistics.median(direct_fit)} | \
-        {k: statistics.median(r.data.metrics[f"trial_{k}_seconds"] for r in children) for k in ("setup", "fit")}
+            "direct_fit": statistics.median(direct_fit),
+            "added": statistics.median(study_added) - statistics.median(direct_added),
+            "training": statistics.median(study_training)} | \
+        {k: statistics.median(r.data.metrics[f"trial_{k}_seconds"] for r in children) for k in ("setup", "fit", "report")}
 
 
 def main() -> None:
@@ -147,14 +162,19 @@ def main() -> None:
           "then the median. Per study: Ray start/stop, and the driver's and Tune's work before the first trial "
           "begins and after the last ends. Per trial: the span from the first trial's begin to the last one's "
           "end, against the direct pool's, times processes / trials.")
-    print("| repeat | direct | study | once per study | setup (median) | study fit + test (median) | "
-          "direct fit + test (median) | per trial |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("In-trial: the median study trial's time outside pure training (setup, reporting, final logging) "
+          "minus the median direct trial's (process start, imports), against the direct fit; and the pure "
+          "training time (fit + test less reporting) of the study trials against the direct ones.")
+    print("| repeat | direct | study | once per study | setup (median) | reporting (median) | study fit + test "
+          "(median) | direct fit + test (median) | per trial (spans) | added in-trial | training, study / direct |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for i, m in enumerate(rows + [{k: statistics.median(r[k] for r in rows) for k in rows[0]}]):
         name = str(i + 1) if i < len(rows) else "**median**"
         print(f"| {name} | {m['direct']:.1f} s | {m['study']:.1f} s | {m['once']:.1f} s (Ray {m['ray']:.1f} s) | "
-              f"{m['setup']:.1f} s | {m['fit']:.1f} s | {m['direct_fit']:.1f} s | "
-              f"{m['per_trial']:+.1f} s of {m['trial']:.0f} s ({100 * m['per_trial'] / m['trial']:+.1f} %) |")
+              f"{m['setup']:.1f} s | {m['report']:.2f} s | {m['fit']:.1f} s | {m['direct_fit']:.1f} s | "
+              f"{m['per_trial']:+.1f} s of {m['trial']:.0f} s ({100 * m['per_trial'] / m['trial']:+.1f} %) | "
+              f"{m['added']:+.1f} s ({100 * m['added'] / m['direct_fit']:+.1f} %) | "
+              f"{m['training'] / m['direct_fit']:.3f} |")
 
 
 if __name__ == "__main__":

@@ -48,8 +48,9 @@ def run_trial(config: dict[str, Any], *, trials: list[dict[str, Any]], study: St
 
     ``config["trial"]`` is the index of a TrialSpec; with a search, ``config["space"]`` holds
     the values sampled for this trial, set over the TrialSpec's grid cell. The seconds spent
-    before training, in training and testing, and in the evaluations go to MLflow as
-    ``trial_*_seconds`` (what a trial costs beyond its training: BENCHMARKS.md).
+    before training, in training and testing (of which reporting epochs to Tune and MLflow),
+    and in the evaluations go to MLflow as ``trial_*_seconds`` (what a trial costs beyond its
+    training: BENCHMARKS.md).
     """
     t_start = time.monotonic()
     from ray import tune
@@ -77,11 +78,15 @@ def run_trial(config: dict[str, Any], *, trials: list[dict[str, Any]], study: St
     checkpoint_dir = Path(tempfile.mkdtemp(prefix="nem-checkpoints-"))
     cfg.train.checkpoint_dir = str(checkpoint_dir)
 
+    reporting = [0.0]  # seconds spent handing epochs to MLflow and Tune (inside the fit)
+
     def report(metrics: dict[str, Any], ckpt_dir: Path | None) -> None:
+        t0 = time.monotonic()
         if int(metrics["iteration"]) not in logged:
             tracking.log_epoch(tracking_uri, run_id, metrics)
         checkpoint = tune.Checkpoint.from_directory(str(ckpt_dir)) if ckpt_dir else None
         tune.report(metrics, checkpoint=checkpoint)
+        reporting[0] += time.monotonic() - t0
 
     try:
         resume = _restore(tune.get_checkpoint(), checkpoint_dir)
@@ -91,6 +96,7 @@ def run_trial(config: dict[str, Any], *, trials: list[dict[str, Any]], study: St
         t_evaluations = time.monotonic()
         evaluations = run_evaluations(study, cfg, result.get("checkpoint"), trial_dir)
         result |= {"trial_setup_seconds": t_fit - t_start, "trial_fit_seconds": t_evaluations - t_fit,
+                   "trial_report_seconds": reporting[0],
                    "trial_evaluations_seconds": time.monotonic() - t_evaluations}
         tracking.log_final(tracking_uri, run_id, result, evaluations, panel)
     except SystemExit:  # Tune stopped the trial (the scheduler, or the study ending): not a failure
