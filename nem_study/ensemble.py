@@ -69,7 +69,6 @@ class Stack:
             m.load_state_dict(state)
             models.append(m)
         self.params, self.buffers = stack_module_state(models)  # each (E, *shape)
-        self.names = list(self.params)
         self.optimizer = torch.optim.Adam(list(self.params.values()), lr=lr)
         if optim_states[0] is not None:                          # resumed members: stack their Adam
             first = optim_states[0]
