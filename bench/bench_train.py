@@ -9,7 +9,9 @@ batch 64, T = 20 (static data: 15 EM steps). Prints the median over repeats.
 Paths, alternating in one process so that the machine's drift hits all alike: eager fp32, eager
 bf16 autocast (``train.precision: bf16``; likelihoods, E-step and loss stay fp32) and, with
 ``--compile``, ``torch.compile`` of the M-step cell in both precisions (compiling takes about a
-minute per network and path on 2 cores; it is not timed). Ratios are against eager fp32.
+minute per network and path on 2 cores; it is not timed). On a GPU also ``graph``: the whole
+step replayed as one CUDA graph (``train.cuda_graph``, the GPU default), and with ``--compile``
+``reduce-overhead`` (CUDA graphs of the compiled cell only). Ratios are against eager fp32.
 
 The FLOPs of one step (forward + backward, ``torch.utils.flop_counter``: matmuls and convs)
 over its time give the achieved FLOP/s, shown beside each rate as a fraction of this machine's
@@ -30,7 +32,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from nem_study.config import RunConfig
 from nem_study.model import NEM
-from nem_study.train import autocast, corrupt, to_steps
+from nem_study.train import GraphedStep, corrupt, gamma0_noise, to_steps, train_step
 
 SETUPS = {
     "static shapes, N-EM": {"data": {"name": "static_shapes"}, "model": {"kind": "nem"}},
@@ -42,46 +44,47 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 class Step:
-    """One model, optimiser and batch; ``run()`` is one timed training step."""
+    """One model, optimiser and batch; ``run()`` is one timed training step, as ``fit`` takes it:
+    noise drawn, then ``train_step`` (eager) or, for ``graph=True``, ``GraphedStep`` (CUDA graph)."""
 
-    def __init__(self, cfg: RunConfig, batch: int, compile: str | None = None, device: str = "cpu"):
+    def __init__(self, cfg: RunConfig, batch: int, compile: str | None = None, device: str = "cpu",
+                 graph: bool = False, precision: str = "fp32"):
         torch.manual_seed(0)
-        self.cfg, self.device = cfg, torch.device(device)
+        self.cfg, self.device, self.precision = cfg, torch.device(device), precision
         self.model = NEM(cfg.model, cfg.data.image_size).to(device)
-        if compile:  # "default", or "reduce-overhead" (CUDA graphs on a GPU)
+        if compile:  # "default", or "reduce-overhead" (CUDA graphs of the cell on a GPU)
             self.model.cell.compile(mode=compile, dynamic=False)  # as train.compile does
-        self.opt = torch.optim.Adam(self.model.parameters(), lr=cfg.train.lr)
+        self.opt = torch.optim.Adam(self.model.parameters(), lr=cfg.train.lr, capturable=graph)
+        def step(x_tilde, targets, noise, cache=True):
+            return train_step(self.model, self.opt, x_tilde, targets, noise, precision, cache)
+        self.step = GraphedStep(step) if graph else step
         S, F = cfg.data.image_size, cfg.data.frames
         frames = torch.rand(batch, F, S, S, device=device)
         self.frames = frames if cfg.data.grey else (frames > 0.85).float()
         self.gen = torch.Generator(device).manual_seed(0)
 
-    def run(self, precision: str = "fp32") -> float:
+    def run(self) -> float:
         cfg = self.cfg
         t0 = time.perf_counter()
         inputs, targets = to_steps(self.frames, cfg.steps, cfg.data.is_static)
-        with autocast(self.device, precision):
-            out = self.model(corrupt(inputs, cfg.noise, self.gen), targets, generator=self.gen)
-        self.opt.zero_grad(set_to_none=True)
-        out.loss.backward()
-        self.opt.step()
-        if self.device.type == "cuda":
-            torch.cuda.synchronize()
+        x_tilde = corrupt(inputs, cfg.noise, self.gen)
+        out = self.step(x_tilde, targets, gamma0_noise(inputs, cfg.model.k, self.gen))
+        out.loss.item()  # fit reads every step's loss
         return time.perf_counter() - t0
 
 
 def step_time(cfg: RunConfig, batch: int, repeats: int, precision: str = "fp32") -> list[float]:
     """Seconds per training step, ``repeats`` times after one warm-up step."""
-    step = Step(cfg, batch)
-    step.run(precision)
-    return [step.run(precision) for _ in range(repeats)]
+    step = Step(cfg, batch, precision=precision)
+    step.run()
+    return [step.run() for _ in range(repeats)]
 
 
 def step_flops(cfg: RunConfig, batch: int) -> int:
     """Matmul and conv FLOPs of one training step (forward and backward)."""
     step = Step(cfg, batch)
     with FlopCounterMode(display=False) as counter:
-        step.run("fp32")
+        step.run()
     return counter.get_total_flops()
 
 
@@ -107,8 +110,11 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--compile", action="store_true", help="also time torch.compile of the cell "
-                   "(on a GPU also mode='reduce-overhead', i.e. CUDA graphs)")
+                   "(on a GPU also mode='reduce-overhead', i.e. CUDA graphs of the cell)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--paths", nargs="+", metavar="MODE:PRECISION",
+                   help="the paths to time, e.g. eager:fp32 graph:bf16 compile:fp32 reduce-overhead:fp32 "
+                   "(default: eager and, on a GPU, graph, in fp32 and bf16, plus the compiled ones with --compile)")
     p.add_argument("--only", help="run only the networks whose name contains this text")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
@@ -120,11 +126,14 @@ def main() -> None:
     print(f"dense matmul peak: fp32 {peak['fp32'] / 1e9:.0f} GFLOP/s, bf16 {peak['bf16'] / 1e9:.0f} GFLOP/s")
     print(f"batch {args.batch}, median of {args.repeats} steps after one warm-up step\n")
 
-    paths = [("eager", "fp32"), ("eager", "bf16")]
+    modes = ["eager"] + (["graph"] if args.device == "cuda" else [])
     if args.compile:
-        paths += [("compile", "fp32"), ("compile", "bf16")]
-        if args.device == "cuda":
-            paths += [("reduce-overhead", "fp32"), ("reduce-overhead", "bf16")]
+        modes += ["compile"] + (["reduce-overhead"] if args.device == "cuda" else [])
+    paths = [(mode, prec) for mode in modes for prec in DTYPES]
+    if args.paths:
+        paths = [tuple(p.split(":")) for p in args.paths]
+    if ("eager", "fp32") not in paths:
+        paths.insert(0, ("eager", "fp32"))  # the baseline of every ratio
     cols = " | ".join(f"{mode} {prec}: seq / s (% of peak)" for mode, prec in paths)
     print(f"| network | GFLOP / step | {cols} | fastest / eager fp32 |")
     print("|---|---|" + "---|" * len(paths) + "---|")
@@ -135,13 +144,14 @@ def main() -> None:
         flops = step_flops(cfg, args.batch)
         steps = {}
         for mode, prec in paths:
-            compile = {"eager": None, "compile": "default"}.get(mode, mode)
-            steps[mode, prec] = step = Step(cfg, args.batch, compile, args.device)
-            step.run(prec)  # warm-up; compiles the cell
+            compile = {"eager": None, "graph": None, "compile": "default"}.get(mode, mode)
+            steps[mode, prec] = step = Step(cfg, args.batch, compile, args.device, mode == "graph", prec)
+            for _ in range(5 if mode == "graph" else 1):
+                step.run()  # warm-up: compiles the cell; the graph's eager steps and capture
         times = {path: [] for path in paths}
         for _ in range(args.repeats):
             for path in paths:
-                times[path].append(steps[path].run(path[1]))
+                times[path].append(steps[path].run())
         median = {path: statistics.median(t) for path, t in times.items()}
         fastest = min(median, key=median.get)
         print(f"| {name} | {flops / 1e9:.1f} | "

@@ -62,17 +62,17 @@ def labelled(fn, label):
 
 
 def step_profile(cfg: RunConfig, steps: int, precision: str) -> None:
-    step = Step(cfg, 64)
+    step = Step(cfg, 64, precision=precision)
     cell = step.model.cell
     cell.encoder = Labelled(cell.encoder, "forward: encoder")
     cell.decoder = Labelled(cell.decoder, "forward: decoder")
     cell.W_x, cell.W_h = Labelled(cell.W_x, "forward: RNN"), Labelled(cell.W_h, "forward: RNN")
     model.e_step = labelled(model.e_step, "forward: E-step")
     model.em_loss = labelled(model.em_loss, "forward: loss")
-    step.run(precision)
+    step.run()
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         for _ in range(steps):
-            step.run(precision)
+            step.run()
     total, parts = 0.0, defaultdict(float)
     for e in prof.events():
         total += e.self_cpu_time_total

@@ -21,7 +21,7 @@ import torch
 from nem_study.config import InputError, NoiseConfig, RunConfig
 from nem_study.data import BACKGROUND, OVERLAP, Split
 from nem_study.metrics import ami_matrix, bce_upper_bound
-from nem_study.model import NEM
+from nem_study.model import NEM, EMOutput
 
 CHECKPOINT_FORMAT = "nem-study-checkpoint/1"
 Report = Callable[[dict[str, Any], Path | None], None]
@@ -75,12 +75,75 @@ def pick_device(name: str) -> torch.device:
 
 
 # ----------------------------------------------------------------------------------------
+# One optimisation step: eager, or replayed as a CUDA graph
+
+
+def gamma0_noise(inputs: torch.Tensor, k: int, generator: torch.Generator) -> torch.Tensor:
+    """gamma_0's N(0, 1) draw for a batch of inputs (T, B, C, H, W): (B, K, C, H, W).
+
+    Drawn by the caller, after ``corrupt``, so that the step itself holds no random draws
+    (a CUDA graph replays fixed kernels) and eager and graphed training see the same numbers.
+    """
+    return torch.randn((inputs.shape[1], k, *inputs.shape[2:]), generator=generator, device=inputs.device)
+
+
+def train_step(model: NEM, optimizer: torch.optim.Optimizer, x_tilde: torch.Tensor, targets: torch.Tensor,
+               noise: torch.Tensor, precision: str, cache: bool = True) -> EMOutput:
+    """Forward over all EM steps, backward, Adam: one batch."""
+    with autocast(x_tilde.device, precision, cache):
+        out = model(x_tilde, targets, noise=noise)
+    optimizer.zero_grad(set_to_none=True)
+    out.loss.backward()
+    optimizer.step()
+    # Detached: the spent autograd graph is freed now, not when the next step replaces ``out``.
+    return EMOutput(out.loss.detach(), out.intra.detach(), out.inter.detach(), None, None)
+
+
+class GraphedStep:
+    """A training step captured once as a CUDA graph and then replayed (``train.cuda_graph``).
+
+    These networks are small: an eager step on a GPU spends its time launching a few thousand
+    tiny kernels, one EM step after another. A replay launches them all at once. ``step(*inputs,
+    cache=...)`` is the eager step (forward, backward, optimiser; ``train_step``). The first
+    ``warmup`` calls run it eagerly on a side stream, as capture requires (cuDNN and cuBLAS set
+    up, Adam's state created); the next call captures it and replays. Each later call copies its
+    inputs into the captured tensors. The optimiser must be built with ``capturable=True``.
+    """
+
+    def __init__(self, step: Callable[..., Any], warmup: int = 3):
+        self.step, self.warmup = step, warmup
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.side = torch.cuda.Stream()
+
+    def __call__(self, *inputs: torch.Tensor) -> Any:
+        if self.graph is None and self.warmup > 0:
+            self.warmup -= 1
+            side = self.side
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                out = self.step(*inputs, cache=True)
+            torch.cuda.current_stream().wait_stream(side)
+            return out
+        if self.graph is None:
+            self.inputs = [t.clone() for t in inputs]
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):  # records the kernels; the replay below runs them
+                self.out = self.step(*self.inputs, cache=False)  # autocast must not cache in a graph
+        else:
+            for static, new in zip(self.inputs, inputs):
+                static.copy_(new)
+        self.graph.replay()
+        return self.out
+
+
+# ----------------------------------------------------------------------------------------
 # Evaluation
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
     """``train.precision`` on ``device``: ``auto`` is bf16 where it was measured faster (a CPU
-    with AVX512-BF16 or AMX: 1.1-1.8x, BENCHMARKS.md), fp32 elsewhere (GPUs: not yet measured)."""
+    with AVX512-BF16 or AMX: 1.1-1.8x, BENCHMARKS.md), fp32 elsewhere (on an H100 bf16 was
+    0.89-1.03x fp32: these networks are too small for the tensor cores to matter)."""
     if precision != "auto":
         return precision
     if device.type != "cpu":
@@ -92,10 +155,11 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     return "bf16" if fast else "fp32"
 
 
-def autocast(device: torch.device, precision: str) -> torch.autocast:
-    """bf16 autocast of the networks' convs and matmuls (``train.precision``); fp32: a no-op."""
+def autocast(device: torch.device, precision: str, cache: bool = True) -> torch.autocast:
+    """bf16 autocast of the networks' convs and matmuls (``train.precision``); fp32: a no-op.
+    ``cache=False`` inside a CUDA graph capture, which must not keep autocast's weight casts."""
     bf16 = resolve_precision(precision, device) == "bf16"
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16, cache_enabled=cache)
 
 
 def component_shares(pred: np.ndarray, valid: np.ndarray, k: int) -> np.ndarray:
@@ -244,7 +308,8 @@ def fit(cfg: RunConfig, splits: Mapping[str, Split], report: Report | None = Non
         # In place, so checkpoint keys stay eager's; static shapes, because a dynamic-shape
         # recompile of the flying-MNIST cell fails in torch 2.13's inductor.
         model.cell.compile(dynamic=False)
-    optimizer = torch.optim.Adam(model.parameters(), lr=tc.lr)
+    graphed = tc.cuda_graph and device.type == "cuda"
+    optimizer = torch.optim.Adam(model.parameters(), lr=tc.lr, capturable=graphed)
     ckpt_dir = Path(tc.checkpoint_dir) if tc.checkpoint_dir else None
     if ckpt_dir:
         ckpt_dir.mkdir(parents=True, exist_ok=True)
@@ -259,6 +324,10 @@ def fit(cfg: RunConfig, splits: Mapping[str, Split], report: Report | None = Non
         start_epoch = ckpt["epoch"] + 1
         best_loss, best_epoch, history = ckpt["best_valid_loss"], ckpt["best_epoch"], ckpt["history"]
 
+    def step(x_tilde, targets, noise, cache=True):
+        return train_step(model, optimizer, x_tilde, targets, noise, tc.precision, cache)
+    if graphed:
+        step = GraphedStep(step)
     train, valid = splits["train"], splits["valid"]
     steps, static = cfg.steps, cfg.data.is_static
     n_batches = len(train) // tc.batch_size or 1
@@ -276,15 +345,13 @@ def fit(cfg: RunConfig, splits: Mapping[str, Split], report: Report | None = Non
             idx = np.sort(order[b * tc.batch_size:(b + 1) * tc.batch_size])
             frames, _ = train.batch(idx)
             inputs, targets = to_steps(torch.from_numpy(frames).to(device), steps, static)
-            with autocast(device, tc.precision):
-                out = model(corrupt(inputs, cfg.noise, gen), targets, generator=gen)
+            x_tilde = corrupt(inputs, cfg.noise, gen)                 # (T, B, 1, H, W)
+            noise = gamma0_noise(inputs, cfg.model.k, gen)             # (B, K, 1, H, W)
+            out = step(x_tilde, targets, noise)
             loss = out.loss.item()
             if not math.isfinite(loss):
                 raise NonFiniteLoss(f"non-finite loss ({loss}) at epoch {epoch}, batch {b + 1} of "
                                     f"{n_batches}: intra {out.intra.tolist()}, inter {out.inter.tolist()}")
-            optimizer.zero_grad(set_to_none=True)
-            out.loss.backward()
-            optimizer.step()
             total += loss
             if bar is not None:
                 bar.update(1)

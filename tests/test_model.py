@@ -209,7 +209,7 @@ def test_precision_auto_is_bf16_only_on_a_cpu_with_native_bf16():
     assert resolve_precision("auto", cpu) == ("bf16" if native else "fp32")
     assert resolve_precision("fp32", cpu) == "fp32"
     assert resolve_precision("bf16", cpu) == "bf16"
-    assert resolve_precision("auto", torch.device("cuda")) == "fp32"   # GPU: not yet measured
+    assert resolve_precision("auto", torch.device("cuda")) == "fp32"   # GPU: bf16 measured no faster
 
 
 def test_compiled_cell_gives_the_eager_loss_and_gradients():
