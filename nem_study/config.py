@@ -122,7 +122,8 @@ class TrainConfig(Strict):
                              "backward, Adam) as one CUDA graph and replay it: 5.8-8.6x eager on an H100 "
                              "(BENCHMARKS.md); no effect on a CPU")
     checkpoint_dir: str | None = Field(None, description="where best.pt / last.pt go (None: none)")
-    time_budget_s: float | None = Field(None, gt=0, description="stop after this many seconds")
+    time_budget_s: float | None = Field(None, gt=0, description="stop after this many seconds of training "
+                                        "(a resumed run counts the epochs it trained before)")
 
 
 class RunConfig(Strict):

@@ -160,7 +160,8 @@ def fit_ensemble(cfgs: list[RunConfig], splits: Mapping[str, Split], report: Ens
     n_batches = len(train) // tc.batch_size or 1
     start_epoch = (epochs[active[0]] + 1) if active else tc.max_epochs + 1
     stack = Stack(template, [states[e] for e in active], [optim_states[e] for e in active], tc.lr) if active else None
-    t_start = time.monotonic()
+    # A resumed ensemble's time budget goes on from the epochs it already trained.
+    t_start = time.monotonic() - max((sum(m["epoch_seconds"] for m in history[e]) for e in active), default=0.0)
     probe = copy.deepcopy(template)  # a member's weights, for its evaluation
 
     for epoch in range(start_epoch, tc.max_epochs + 1):

@@ -121,27 +121,32 @@ def grouping_panel(frames, psi, gamma, labels, path, seq: int = 0, n_steps: int 
     psi_k, the soft assignment gamma (component colours mixed by gamma) and the true labels.
 
     frames: (T, H, W) the input at each step; psi, gamma: (T, K, H, W); labels: (T, H, W) of
-    each step's target. Shows ``n_steps`` steps evenly spaced over T.
+    each step's target. Shows ``n_steps`` steps evenly spaced over T. The tiles go into one
+    image drawn by one ``imshow``: every trial draws this panel, and a grid of subplots cost
+    1-2 s of the trial's time (BENCHMARKS.md).
     """
     plt = _pyplot()
 
     frames, psi, gamma, labels = (np.asarray(a) for a in (frames, psi, gamma, labels))
-    T, K = psi.shape[:2]
+    T, K, H, W = psi.shape
     steps = np.unique(np.linspace(0, T - 1, min(n_steps, T)).round().astype(int))
     colours = _OBJECT_COLOURS[np.arange(K) % len(_OBJECT_COLOURS)]          # (K, 3)
-    soft = np.einsum("tkhw,kc->thwc", gamma, colours).clip(0, 1)             # (T, H, W, 3)
-    rows = [("input", lambda t: frames[t], "gray")]
-    rows += [(f"psi {k + 1}", (lambda k: lambda t: psi[t, k])(k), "gray") for k in range(K)]
-    rows += [("gamma", lambda t: soft[t], None), ("truth", lambda t: label_colours(labels[t]), None)]
-    fig, axes = plt.subplots(len(rows), len(steps), figsize=(1.1 * len(steps) + 0.6, 1.15 * len(rows) + 0.4),
-                             squeeze=False)
-    for r, (name, image, cmap) in enumerate(rows):
-        for c, t in enumerate(steps):
-            ax = axes[r, c]
-            ax.imshow(image(t), cmap=cmap, vmin=0, vmax=1, interpolation="nearest")
-            ax.set_xticks([])
-            ax.set_yticks([])
-            if r == 0:
-                ax.set_title(f"t = {t + 1}", fontsize=8)
-        axes[r, 0].set_ylabel(name, fontsize=8)
+    grey = lambda a: np.repeat(a[..., None], 3, axis=-1).clip(0, 1)        # (..., H, W, 3)
+    rows = [("input", grey(frames[steps]))]                                 # each (S, H, W, 3)
+    rows += [(f"psi {k + 1}", grey(psi[steps, k])) for k in range(K)]
+    rows += [("gamma", np.einsum("tkhw,kc->thwc", gamma[steps], colours).clip(0, 1)),
+             ("truth", label_colours(labels[steps]))]
+    gap = max(1, H // 12)
+    mosaic = np.full((len(rows) * (H + gap) - gap, len(steps) * (W + gap) - gap, 3), 0.8)  # grey gaps
+    for r, (_, tiles) in enumerate(rows):
+        for c, tile in enumerate(tiles):
+            mosaic[r * (H + gap):r * (H + gap) + H, c * (W + gap):c * (W + gap) + W] = tile
+    fig, ax = plt.subplots(figsize=(1.1 * len(steps) + 0.6, 1.15 * len(rows) + 0.4))
+    ax.imshow(mosaic, interpolation="nearest")
+    ax.set_xticks(np.arange(len(steps)) * (W + gap) + (W - 1) / 2, [f"t = {t + 1}" for t in steps], fontsize=8)
+    ax.set_yticks(np.arange(len(rows)) * (H + gap) + (H - 1) / 2, [name for name, _ in rows], fontsize=8)
+    ax.xaxis.tick_top()
+    ax.tick_params(length=0)
+    for side in ax.spines.values():
+        side.set_visible(False)
     return _save(fig, path, title)

@@ -331,7 +331,8 @@ def fit(cfg: RunConfig, splits: Mapping[str, Split], report: Report | None = Non
     train, valid = splits["train"], splits["valid"]
     steps, static = cfg.steps, cfg.data.is_static
     n_batches = len(train) // tc.batch_size or 1
-    t_start = time.monotonic()
+    # A resumed run's time budget and train_seconds go on from the epochs it already trained.
+    t_start = time.monotonic() - sum(m["epoch_seconds"] for m in history)
     stop_reason = "max_epochs"
     epoch = start_epoch - 1
     for epoch in range(start_epoch, tc.max_epochs + 1):

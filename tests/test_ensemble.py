@@ -73,6 +73,7 @@ def test_resume_continues_the_ensemble_exactly(tmp_path):
         for name, w in a["model"].items():
             assert torch.equal(w, b["model"][name]), name
     assert [r["test_ami"] for r in resumed] == [r["test_ami"] for r in straight]
+    assert resumed[0]["train_seconds"] >= sum(m["epoch_seconds"] for m in b["history"])  # budget goes on
 
 
 def test_members_stop_early_on_their_own(tmp_path):

@@ -52,6 +52,8 @@ def test_training_is_deterministic_and_resume_continues_exactly(tmp_path):
         assert torch.equal(w, b["model"][name]), name
     assert a["history"][-1]["valid_loss"] == b["history"][-1]["valid_loss"]
     assert resumed["test_ami"] == straight["test_ami"]
+    # the time budget and train_seconds count the epochs trained before the resume too
+    assert resumed["train_seconds"] >= sum(m["epoch_seconds"] for m in b["history"])
 
 
 def test_checkpoints_hold_config_weights_optimiser_and_epoch(tmp_path):
