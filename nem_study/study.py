@@ -392,10 +392,11 @@ def prepare_data(study: StudyConfig, trials: list[TrialSpec], mnist_path: str | 
 
     specs = {}
     for trial in trials:
-        for stage in curriculum_stages(trial.config):
+        stages = curriculum_stages(trial.config)
+        for stage in stages:
             specs[stage.data.model_dump_json()] = stage.data
-        for ev in study.evaluations:
-            spec = test_spec(trial.config, ev.objects, ev.steps)
+        for ev in study.evaluations:  # they test the last stage's checkpoint, with its data spec
+            spec = test_spec(stages[-1], ev.objects, ev.steps)
             specs[spec.model_dump_json()] = spec
     for spec in specs.values():
         data.ensure(spec, mnist_path=mnist_path)

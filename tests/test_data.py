@@ -387,3 +387,23 @@ def test_data_strip_writes_a_png(tmp_path):
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     rgb = label_colours(np.array([0, 1, 2, 255], np.uint8))
     assert (rgb[0] == 0).all() and (rgb[3] == 1).all() and not np.allclose(rgb[1], rgb[2])
+
+
+@needs_mnist
+def test_a_study_prepares_the_evaluation_data_of_a_curriculums_last_stage(data_dir):
+    """The evaluations test the last stage's checkpoint, whose data spec names that stage's digit
+    pool: `prepare_data` must make those test sets before any trial, while MNIST is at hand."""
+    from nem_study.config import StudyConfig, expand_trials
+    from nem_study.evaluate import test_spec
+    from nem_study.study import prepare_data
+    from nem_study.train import curriculum_stages
+
+    study = StudyConfig.model_validate({
+        "name": "s", "base": {"data": {"name": "flying_mnist", "train": 4, "valid": 2, "test": 2,
+                                       "curriculum": [5, 10]}},
+        "evaluations": [{"objects": 3, "k": 3}, {"steps": 30}]})
+    trials = expand_trials(study)
+    prepare_data(study, trials, mnist_path=NPZ)
+    last = curriculum_stages(trials[0].config)[-1]
+    for ev in study.evaluations:
+        assert data.set_dir(test_spec(last, ev.objects, ev.steps)).is_dir(), ev
