@@ -32,7 +32,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from nem_study.config import RunConfig
 from nem_study.model import NEM
-from nem_study.train import GraphedStep, corrupt, gamma0_noise, to_steps, train_step
+from nem_study.train import GraphedStep, autocast, corrupt, gamma0_noise, to_steps, train_step
 
 SETUPS = {
     "static shapes, N-EM": {"data": {"name": "static_shapes"}, "model": {"kind": "nem"}},
@@ -70,6 +70,28 @@ class Step:
         x_tilde = corrupt(inputs, cfg.noise, self.gen)
         out = self.step(x_tilde, targets, gamma0_noise(inputs, cfg.model.k, self.gen))
         out.loss.item()  # fit reads every step's loss
+        return time.perf_counter() - t0
+
+
+class NetworkStep(Step):
+    """The M-step network alone, the ceiling for the whole step: T cell calls on fixed inputs
+    (B*K images), a plain loss on their outputs, backward and Adam. No EM: no noise, E-step,
+    likelihoods or EM loss. Its FLOPs are the whole step's, less the EM's few elementwise ones."""
+
+    def run(self) -> float:
+        cfg, B, K = self.cfg, self.frames.shape[0], self.cfg.model.k
+        t0 = time.perf_counter()
+        inputs = self.frames[:, :1].repeat_interleave(K, 0)                # (B*K, 1, H, W)
+        h = inputs.new_zeros(B * K, self.model.cfg.hidden)                  # (B*K, Z)
+        loss = 0.0
+        with autocast(self.device, self.precision):
+            for _ in range(cfg.steps):
+                h, out = self.model.cell(inputs, h)                         # (B*K, 1, H, W)
+                loss = loss + out.float().square().mean()
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.opt.step()
+        loss.item()
         return time.perf_counter() - t0
 
 
@@ -113,7 +135,8 @@ def main() -> None:
                    "(on a GPU also mode='reduce-overhead', i.e. CUDA graphs of the cell)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--paths", nargs="+", metavar="MODE:PRECISION",
-                   help="the paths to time, e.g. eager:fp32 graph:bf16 compile:fp32 reduce-overhead:fp32 "
+                   help="the paths to time, e.g. eager:fp32 graph:bf16 compile:fp32 reduce-overhead:fp32; "
+                   "network:fp32 is the M-step network alone (no EM), the ceiling for the whole step "
                    "(default: eager and, on a GPU, graph, in fp32 and bf16, plus the compiled ones with --compile)")
     p.add_argument("--only", help="run only the networks whose name contains this text")
     args = p.parse_args()
@@ -144,8 +167,9 @@ def main() -> None:
         flops = step_flops(cfg, args.batch)
         steps = {}
         for mode, prec in paths:
-            compile = {"eager": None, "graph": None, "compile": "default"}.get(mode, mode)
-            steps[mode, prec] = step = Step(cfg, args.batch, compile, args.device, mode == "graph", prec)
+            compile = {"eager": None, "graph": None, "network": None, "compile": "default"}.get(mode, mode)
+            kind = NetworkStep if mode == "network" else Step
+            steps[mode, prec] = step = kind(cfg, args.batch, compile, args.device, mode == "graph", prec)
             for _ in range(5 if mode == "graph" else 1):
                 step.run()  # warm-up: compiles the cell; the graph's eager steps and capture
         times = {path: [] for path in paths}
