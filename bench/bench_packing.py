@@ -55,7 +55,7 @@ def ensemble_rate(n: int, seconds: float, device: str, precision: str, batch: in
     from nem_study.config import RunConfig
     from nem_study.ensemble import Stack
     from nem_study.model import NEM
-    from nem_study.train import GraphedStep, autocast, corrupt, to_steps
+    from nem_study.train import GraphedStep, corrupt, to_steps
 
     cfg = RunConfig.model_validate({"data": {"name": "flying_shapes"}})
     dev = torch.device(device)
@@ -64,20 +64,12 @@ def ensemble_rate(n: int, seconds: float, device: str, precision: str, batch: in
     for seed in range(n):
         torch.manual_seed(seed)
         models.append(NEM(cfg.model, S).to(dev))
-    stack = Stack(models[0], [m.state_dict() for m in models], [None] * n, cfg.train.lr)
+    stack = Stack(models[0], [m.state_dict() for m in models], [None] * n, cfg.train.lr, capturable=graph)
     frames = (torch.rand(n, batch, F, S, S, device=dev) > 0.85).float()
     gen = torch.Generator(dev).manual_seed(0)
 
-    if graph:
-        stack.optimizer = torch.optim.Adam(list(stack.params.values()), lr=cfg.train.lr, capturable=True)
-
     def train_stack(x_tilde, targets, noise, cache=True):
-        with autocast(dev, precision, cache):
-            loss, _, _ = stack.losses(x_tilde, targets, noise)
-        stack.optimizer.zero_grad(set_to_none=True)
-        loss.sum().backward()
-        stack.optimizer.step()
-        return loss.detach()
+        return stack.train_step(x_tilde, targets, noise, precision, cache)
 
     graphed = GraphedStep(train_stack) if graph else train_stack
 
@@ -85,7 +77,7 @@ def ensemble_rate(n: int, seconds: float, device: str, precision: str, batch: in
         xs, ts = zip(*(to_steps(frames[e], cfg.steps, False) for e in range(n)))
         x_tilde = corrupt(torch.stack(xs), cfg.noise, gen)                 # (N, T, B, 1, H, W)
         noise = torch.randn((n, batch, K, 1, S, S), generator=gen, device=dev)
-        graphed(x_tilde, torch.stack(ts), noise).sum().item()  # as fit_ensemble reads the losses
+        graphed(x_tilde, torch.stack(ts), noise)[0].sum().item()  # as fit_ensemble reads the losses
 
     for _ in range(5 if graph else 1):
         step()

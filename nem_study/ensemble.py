@@ -26,7 +26,7 @@ from torch.func import functional_call, stack_module_state, vmap
 from nem_study.config import InputError, RunConfig
 from nem_study.data import Split
 from nem_study.model import NEM
-from nem_study.train import (autocast, corrupt, evaluate, load_checkpoint, pick_device,
+from nem_study.train import (autocast, corrupt, evaluate, gamma0_noise, load_checkpoint, pick_device,
                              progress_bar, resolve_precision, save_checkpoint, to_steps)
 
 # report({member index: that member's epoch metrics}, checkpoint root) once per epoch
@@ -61,7 +61,7 @@ class Stack:
     """The active members' weights stacked along a new first dim, and their Adam."""
 
     def __init__(self, template: NEM, states: list[dict[str, torch.Tensor]], optim_states: list[dict | None],
-                 lr: float):
+                 lr: float, capturable: bool = False):
         self.template = copy.deepcopy(template).to("meta")   # the network's structure, no weights
         models = []
         for state in states:
@@ -69,7 +69,7 @@ class Stack:
             m.load_state_dict(state)
             models.append(m)
         self.params, self.buffers = stack_module_state(models)  # each (E, *shape)
-        self.optimizer = torch.optim.Adam(list(self.params.values()), lr=lr)
+        self.optimizer = torch.optim.Adam(list(self.params.values()), lr=lr, capturable=capturable)
         if optim_states[0] is not None:                          # resumed members: stack their Adam
             first = optim_states[0]
             stacked = {"param_groups": first["param_groups"], "state": {}}
@@ -88,6 +88,17 @@ class Stack:
             i: {"step": s["step"].clone(), "exp_avg": s["exp_avg"][e].clone(), "exp_avg_sq": s["exp_avg_sq"][e].clone()}
             for i, s in optim["state"].items()}}
         return state, per_member
+
+    def train_step(self, x_tilde: torch.Tensor, targets: torch.Tensor, noise: torch.Tensor, precision: str,
+                   cache: bool = True):
+        """Forward, backward and Adam for every member at once; their losses, detached:
+        (E,), (E, T), (E, T). ``cache=False`` inside a CUDA graph capture (``train.autocast``)."""
+        with autocast(x_tilde.device, precision, cache):
+            loss, intra, inter = self.losses(x_tilde, targets, noise)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.sum().backward()  # d sum / d loss_e = 1: each member gets its own gradient
+        self.optimizer.step()
+        return loss.detach(), intra.detach(), inter.detach()
 
     def losses(self, x_tilde: torch.Tensor, targets: torch.Tensor, noise: torch.Tensor):
         """Every member's EM loss on its own batch: inputs (E, T, B, 1, H, W) -> (E,), (E, T), (E, T)."""
@@ -180,14 +191,9 @@ def fit_ensemble(cfgs: list[RunConfig], splits: Mapping[str, Split], report: Ens
                 inputs, targets = to_steps(torch.from_numpy(frames).to(device), steps, static)
                 xs.append(corrupt(inputs, cfg.noise, gens[e]))             # (T, B, 1, H, W)
                 ts.append(targets)                                         # (T, B, 1, H, W)
-                B = inputs.shape[1]
-                ns.append(torch.randn((B, cfg.model.k, *inputs.shape[2:]), generator=gens[e], device=device))
-            with autocast(device, tc.precision):
-                loss, intra, inter = stack.losses(torch.stack(xs), torch.stack(ts), torch.stack(ns))  # (E,)
-            values = loss.tolist()
-            stack.optimizer.zero_grad(set_to_none=True)
-            loss.sum().backward()  # d sum / d loss_e = 1: each member gets its own gradient
-            stack.optimizer.step()
+                ns.append(gamma0_noise(inputs, cfg.model.k, gens[e]))      # (B, K, 1, H, W)
+            loss, intra, inter = stack.train_step(torch.stack(xs), torch.stack(ts), torch.stack(ns), tc.precision)
+            values = loss.tolist()                                         # (E,)
             bad = [i for i, v in enumerate(values) if not math.isfinite(v)]
             for i in bad:
                 e = active[i]

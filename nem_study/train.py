@@ -118,11 +118,10 @@ class GraphedStep:
     def __call__(self, *inputs: torch.Tensor) -> Any:
         if self.graph is None and self.warmup > 0:
             self.warmup -= 1
-            side = self.side
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
+            self.side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(self.side):
                 out = self.step(*inputs, cache=True)
-            torch.cuda.current_stream().wait_stream(side)
+            torch.cuda.current_stream().wait_stream(self.side)
             return out
         if self.graph is None:
             self.inputs = [t.clone() for t in inputs]
