@@ -243,6 +243,10 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     result = run_study(study, args.study, address=args.address, num_cpus=args.num_cpus,
                        num_gpus=args.num_gpus, mnist_path=args.mnist, resume=args.command == "resume")
+    if result.interrupted:
+        print(f"\nstudy {study.name!r} interrupted: {len(result.finished)} trial(s) finished, {len(result.failed)} failed "
+              f"so far; Ray Tune saved its state. Continue with: nem-study resume {args.study}", file=sys.stderr)
+        return 130
     stopped = f", {len(result.stopped)} stopped early by ASHA" if result.stopped else ""
     print(f"\nstudy {study.name!r}: {len(result.finished)} trial(s) finished, {len(result.failed)} failed{stopped} "
           f"(MLflow parent run {result.parent_run_id}, {study.tracking.uri}, experiment {study.experiment!r})")

@@ -36,6 +36,7 @@ class StudyResult:
     failed: dict[str, str] = field(default_factory=dict)          # trial name -> error
     best_test_ami: dict[str, float] = field(default_factory=dict)  # grid cell -> best over seeds
     stopped: list[str] = field(default_factory=list)               # stopped early by ASHA
+    interrupted: bool = False   # Ctrl-C: Tune saved its state and returned before the end
 
 
 # ----------------------------------------------------------------------------------------
@@ -100,7 +101,7 @@ def run_trial(config: dict[str, Any], *, trials: list[dict[str, Any]], study: St
                    "trial_evaluations_seconds": time.monotonic() - t_evaluations}
         tracking.log_final(tracking_uri, run_id, result, evaluations, panel)
     except SystemExit:  # Tune stopped the trial (the scheduler, or the study ending): not a failure
-        tracking.mark_stopped(tracking_uri, run_id, "stopped by Ray Tune (scheduler)")
+        tracking.mark_stopped(tracking_uri, run_id, "stopped by Ray Tune (the scheduler, or the study interrupted)")
         raise
     except BaseException as e:
         tracking.mark_failed(tracking_uri, run_id, e)
@@ -355,17 +356,19 @@ def _scheduler(study: StudyConfig, trials: list[TrialSpec]) -> Any:
 
 
 def _result_names(trials: list[TrialSpec], study: StudyConfig, result: Any) -> list[str]:
-    """The trial names (MLflow child runs) a Tune result stands for: an ensemble's seeds, or one."""
+    """The trial names (MLflow child runs) a Tune result stands for: an ensemble's seeds, or one.
+
+    Read from the trial's folder (``<index>_<name>``, see ``_experiments``), not its config:
+    a trial that never reported (pending at Ctrl-C, or failed at once) has no config.
+    """
+    folder = Path(result.path)
+    first = int(folder.name.split("_", 1)[0])
     if study.ensemble:
-        return [trials[i].name for i in result.config["members"]]
-    return [_result_name(trials, study, result)]
-
-
-def _result_name(trials: list[TrialSpec], study: StudyConfig, result: Any) -> str:
-    trial = trials[result.config["trial"]]
+        return [t.name for t in trials[first:first + study.seeds]]
     if study.search is None:
-        return trial.name
-    return sampled_name(trial, int(Path(result.path).name.split("_", 1)[0]))  # the folder: <sample>_<name>
+        return [trials[first].name]
+    cell = int(re.search(r"-cell(\d+)$", folder.parent.name).group(1))   # one experiment per cell
+    return [sampled_name(trials[cell], first)]
 
 
 def storage_path(study: StudyConfig) -> str:
@@ -439,7 +442,7 @@ def run_study(study: StudyConfig, study_yaml: str | Path, address: str | None = 
     started_ray = not ray.is_initialized()
     if started_ray:
         _start_ray(address, num_cpus, num_gpus)
-    rows = []
+    rows, interrupted = [], False
     try:
         if parent_run_id is None:
             parent_run_id = tracking.start_parent(uri, experiment_id, study, study_yaml, trials)
@@ -447,7 +450,13 @@ def run_study(study: StudyConfig, study_yaml: str | Path, address: str | None = 
             tracking.reopen_parent(uri, parent_run_id)
         try:
             for experiment in experiments:
-                rows += list(_tuner(study, trials, experiment, uri, parent_run_id, verbose, resume).fit())
+                grid = _tuner(study, trials, experiment, uri, parent_run_id, verbose, resume).fit()
+                rows += list(grid)
+                # Ctrl-C: Tune saved its state and returned, with trials that neither ended ("done",
+                # set on a trial's return and on a scheduler's stop) nor failed.
+                if any(r.error is None and not r.metrics.get("done") for r in grid):
+                    interrupted = True
+                    break
         except BaseException as e:
             tracking.mark_failed(uri, parent_run_id, e)  # the parent run must not stay RUNNING
             raise
@@ -455,14 +464,17 @@ def run_study(study: StudyConfig, study_yaml: str | Path, address: str | None = 
         if started_ray:
             ray.shutdown()
 
-    result = StudyResult(parent_run_id)
+    result = StudyResult(parent_run_id, interrupted=interrupted)
     for r in rows:
         for name in _result_names(trials, study, r):
             if r.error is not None:
                 result.failed[name] = str(r.error).strip().splitlines()[-1][:300] if str(r.error).strip() \
                     else type(r.error).__name__
-            else:
+            elif not interrupted or r.metrics.get("done"):
                 result.finished.append(name)
+    if interrupted:   # the parent stays open to `nem-study resume`; its trials' runs are left as they are
+        tracking.mark_interrupted(uri, parent_run_id, len(result.finished), len(result.failed))
+        return result
     for run in tracking.child_runs(uri, parent_run_id):
         name = run.data.tags.get(tracking.TRIAL_TAG, run.info.run_name)
         if run.info.status == "FAILED" and name in result.finished:  # an ensemble member that failed alone

@@ -141,6 +141,15 @@ def end_parent(uri: str, run_id: str, finished: int, failed: int) -> None:
     client.set_terminated(run_id, "FINISHED")
 
 
+def mark_interrupted(uri: str, run_id: str, finished: int, failed: int) -> None:
+    """KILLED, with how to go on: the study was interrupted (Ctrl-C) and can be resumed."""
+    client = _client(uri)
+    client.log_metric(run_id, "trials_finished", finished)
+    client.log_metric(run_id, "trials_failed", failed)
+    client.set_tag(run_id, "stop_reason", "interrupted; continue with `nem-study resume`")
+    client.set_terminated(run_id, "KILLED")
+
+
 def flatten(config: RunConfig) -> dict[str, str]:
     """``{"model.k": "3", ...}``: the resolved run config as MLflow params."""
     return {f"{section}.{key}": str(value)

@@ -374,6 +374,38 @@ def test_resume_after_the_driver_is_killed_continues_each_trial_in_its_own_child
     assert any(run.data.tags.get("nem_study.restarts") == "1" for run in children), reported
 
 
+def test_ctrl_c_with_trials_pending_says_how_to_resume_and_resume_finishes(tmp_path):
+    """SIGINT to `nem-study run` (Ctrl-C) while one trial runs and two wait for the one CPU."""
+    path = study_yaml(tmp_path, "  model.k: [2, 3, 4]", seeds=1, max_epochs=10)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "NEM_RAY_CPUS": "1"}
+    results = tmp_path / "ray_results" / "tiny"
+    with open(tmp_path / "run.log", "w") as log:
+        driver = subprocess.Popen([sys.executable, "-m", "nem_study.cli", "run", str(path)], cwd=tmp_path, env=env,
+                                  stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline and driver.poll() is None and not list(results.glob("0*/result.json")):
+        time.sleep(0.05)
+    assert driver.poll() is None, "the study ended first:\n" + (tmp_path / "run.log").read_text()[-3000:]
+    os.kill(driver.pid, signal.SIGINT)
+    assert driver.wait(timeout=120) == 130
+    out = (tmp_path / "run.log").read_text()
+    assert "Traceback" not in out, out[-3000:]
+    assert f"Continue with: nem-study resume {path}" in out, out[-3000:]
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("tiny").experiment_id])
+    parent, = [run for run in runs if "mlflow.parentRunId" not in run.data.tags]
+    assert parent.info.status == "KILLED" and "resume" in parent.data.tags["stop_reason"]
+    assert not any("ASHA" in run.data.tags.get("stop_reason", "") for run in runs)   # no scheduler here
+
+    r = cli("resume", str(path), cwd=tmp_path)
+    assert r.returncode == 0, (r.returncode, r.stderr[-3000:])
+    assert "3 trial(s) finished, 0 failed" in r.stdout
+    runs = client.search_runs([client.get_experiment_by_name("tiny").experiment_id])
+    children = [run for run in runs if "mlflow.parentRunId" in run.data.tags]
+    assert sorted(run.info.run_name for run in children) == ["k=2,seed=0", "k=3,seed=0", "k=4,seed=0"]
+    assert all(run.info.status == "FINISHED" for run in runs)
+
+
 def test_resume_with_nothing_to_resume_names_the_storage_folder(tmp_path):
     path = study_yaml(tmp_path, "  model.k: [2]")
     r = cli("resume", str(path), cwd=tmp_path)
