@@ -2,6 +2,7 @@
 
     python bench/bench_study_overhead.py                  # 4 trials of ~1 minute, 2 at a time
     python bench/bench_study_overhead.py --trials 4 --epochs 2 --processes 2 --repeats 3
+    python bench/bench_study_overhead.py --repeats 4 --worker-env MALLOC_ARENA_MAX=1 --alternate
 
 Both sides run the same N run configs (flying shapes, K = 3, small data, fixed epochs, one
 thread each) with the same number of processes at a time:
@@ -17,7 +18,9 @@ tracking store check, the parent run, the data check, Tune's start). The per-tri
 is the span from the first trial's begin to the last one's end, study against direct pool,
 times processes / trials. A study trial's begin is its MLflow child run's start minus its
 setup (``trial_setup_seconds``); the medians of its setup and fit phases are printed beside
-the direct trials' fit. ``--repeats`` runs several direct/study pairs and adds their median.
+the direct trials' fit. ``--repeats`` runs several direct/study pairs and adds their median. ``--worker-env`` sets
+variables in the Ray workers only (``runtime_env``); with ``--alternate`` every second repeat
+runs without them, and each arm gets its own median.
 
 The span comparison carries the run-to-run drift of the training speed (several seconds per
 minute on these machines). So each trial is also split in-process: pure training (the fit and
@@ -71,7 +74,7 @@ def direct_trial(config_json: dict) -> tuple[float, float, float]:
     return time.perf_counter() - t0, begin, time.time()
 
 
-def measure(root: Path, args: argparse.Namespace) -> dict[str, float]:
+def measure(root: Path, args: argparse.Namespace, worker_env: dict[str, str]) -> dict[str, float]:
     """One direct run and one study of the same trials, in fresh folders under ``root``."""
     from nem_study import data
     from nem_study.config import StudyConfig, expand_trials
@@ -100,7 +103,8 @@ def measure(root: Path, args: argparse.Namespace) -> dict[str, float]:
     yaml_path = root / "study.yaml"
     yaml_path.write_text("# written by bench_study_overhead.py\n")
     t0 = time.perf_counter()
-    ray.init(num_cpus=args.processes, include_dashboard=False, log_to_driver=False)  # timed apart
+    ray.init(num_cpus=args.processes, include_dashboard=False, log_to_driver=False,  # timed apart
+             runtime_env={"env_vars": worker_env} if worker_env else None)
     ray_start = time.perf_counter() - t0
     w0 = time.time()
     result = run_study(study, yaml_path, num_cpus=args.processes, verbose=0)
@@ -140,7 +144,15 @@ def main() -> None:
     p.add_argument("--epochs", type=int, default=2, help="epochs per trial (~35 s each on one core)")
     p.add_argument("--processes", type=int, default=2)
     p.add_argument("--repeats", type=int, default=1, help="direct/study pairs, one after the other")
+    p.add_argument("--worker-env", action="append", default=[], metavar="KEY=VALUE",
+                   help="an environment variable for the study's Ray workers only (repeatable)")
+    p.add_argument("--alternate", action="store_true",
+                   help="every second repeat without --worker-env (the first one without), a median per arm")
     args = p.parse_args()
+    try:
+        worker_env = dict(item.split("=", 1) for item in args.worker_env)
+    except ValueError:
+        p.error(f"--worker-env {args.worker_env}: expected KEY=VALUE")
 
     import mlflow
     import ray
@@ -152,9 +164,10 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         os.environ["NEM_DATA_DIR"] = str(Path(tmp) / "data")
         for r in range(args.repeats):
-            rows.append(measure(Path(tmp) / f"repeat{r}", args))
+            env = {} if args.alternate and r % 2 == 0 else worker_env
+            rows.append(measure(Path(tmp) / f"repeat{r}", args, env) | {"env": env})
             m = rows[-1]
-            print(f"repeat {r + 1}: direct {m['direct']:.1f} s, study {m['study']:.1f} s; per trial "
+            print(f"repeat {r + 1} (workers: {_env_label(env)}): direct {m['direct']:.1f} s, study {m['study']:.1f} s; per trial "
                   f"{m['per_trial']:+.1f} s of {m['trial']:.0f} s ({100 * m['per_trial'] / m['trial']:+.1f} %)",
                   flush=True)
 
@@ -165,16 +178,23 @@ def main() -> None:
     print("In-trial: the median study trial's time outside pure training (setup, reporting, final logging) "
           "minus the median direct trial's (process start, imports), against the direct fit; and the pure "
           "training time (fit + test less reporting) of the study trials against the direct ones.")
-    print("| repeat | direct | study | once per study | setup (median) | reporting (median) | study fit + test "
+    print("| repeat | Ray workers' env | direct | study | once per study | setup (median) | reporting (median) | study fit + test "
           "(median) | direct fit + test (median) | per trial (spans) | added in-trial | training, study / direct |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
-    for i, m in enumerate(rows + [{k: statistics.median(r[k] for r in rows) for k in rows[0]}]):
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    arms = {_env_label(r["env"]): [x for x in rows if x["env"] == r["env"]] for r in rows}
+    medians = [{k: statistics.median(r[k] for r in arm) for k in arm[0] if k != "env"} | {"env": arm[0]["env"]}
+               for arm in arms.values()]
+    for i, m in enumerate(rows + medians):
         name = str(i + 1) if i < len(rows) else "**median**"
-        print(f"| {name} | {m['direct']:.1f} s | {m['study']:.1f} s | {m['once']:.1f} s (Ray {m['ray']:.1f} s) | "
+        print(f"| {name} | {_env_label(m['env'])} | {m['direct']:.1f} s | {m['study']:.1f} s | {m['once']:.1f} s (Ray {m['ray']:.1f} s) | "
               f"{m['setup']:.1f} s | {m['report']:.2f} s | {m['fit']:.1f} s | {m['direct_fit']:.1f} s | "
               f"{m['per_trial']:+.1f} s of {m['trial']:.0f} s ({100 * m['per_trial'] / m['trial']:+.1f} %) | "
               f"{m['added']:+.1f} s ({100 * m['added'] / m['direct_fit']:+.1f} %) | "
               f"{m['training'] / m['direct_fit']:.3f} |")
+
+
+def _env_label(env: dict[str, str]) -> str:
+    return " ".join(f"{k}={v}" for k, v in env.items()) or "as the driver's"
 
 
 if __name__ == "__main__":
