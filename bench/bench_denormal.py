@@ -82,7 +82,6 @@ def main() -> None:
                     grads = torch.cat([q.grad.flatten() for q in model.parameters() if q.grad is not None])
                     tiny = torch.finfo(torch.float32).tiny
                     denormal_share = float(((grads != 0) & (grads.abs() < tiny)).float().mean())
-    torch.set_flush_denormal(True)
 
     med = {key: statistics.median(v) for key, v in seconds.items()}
     print(f"\n| start | flush_denormal | s / step (median of {args.steps * args.repeats}) | sequences / s | "
