@@ -473,7 +473,7 @@ def run_study(study: StudyConfig, study_yaml: str | Path, address: str | None = 
             elif not interrupted or r.metrics.get("done"):
                 result.finished.append(name)
     if interrupted:   # the parent stays open to `nem-study resume`; its trials' runs are left as they are
-        tracking.mark_interrupted(uri, parent_run_id, len(result.finished), len(result.failed))
+        tracking.end_parent(uri, parent_run_id, len(result.finished), len(result.failed), interrupted=True)
         return result
     for run in tracking.child_runs(uri, parent_run_id):
         name = run.data.tags.get(tracking.TRIAL_TAG, run.info.run_name)

@@ -134,20 +134,14 @@ def reopen_parent(uri: str, run_id: str) -> None:
     client.set_tag(run_id, "nem_study.resumes", int(run.data.tags.get("nem_study.resumes", 0)) + 1)
 
 
-def end_parent(uri: str, run_id: str, finished: int, failed: int) -> None:
+def end_parent(uri: str, run_id: str, finished: int, failed: int, interrupted: bool = False) -> None:
+    """FINISHED; or, ``interrupted`` (Ctrl-C), KILLED with how to go on: `nem-study resume`."""
     client = _client(uri)
     client.log_metric(run_id, "trials_finished", finished)
     client.log_metric(run_id, "trials_failed", failed)
-    client.set_terminated(run_id, "FINISHED")
-
-
-def mark_interrupted(uri: str, run_id: str, finished: int, failed: int) -> None:
-    """KILLED, with how to go on: the study was interrupted (Ctrl-C) and can be resumed."""
-    client = _client(uri)
-    client.log_metric(run_id, "trials_finished", finished)
-    client.log_metric(run_id, "trials_failed", failed)
-    client.set_tag(run_id, "stop_reason", "interrupted; continue with `nem-study resume`")
-    client.set_terminated(run_id, "KILLED")
+    if interrupted:
+        client.set_tag(run_id, "stop_reason", "interrupted; continue with `nem-study resume`")
+    client.set_terminated(run_id, "KILLED" if interrupted else "FINISHED")
 
 
 def flatten(config: RunConfig) -> dict[str, str]:
