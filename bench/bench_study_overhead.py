@@ -27,6 +27,16 @@ minute on these machines). So each trial is also split in-process: pure training
 test, less ``trial_report_seconds``, the time handing epochs to MLflow and Tune) and the rest.
 "Added in-trial" is what the study adds to the rest, median study trial against median direct
 trial; "training, study / direct" shows whether training itself runs slower in a Ray worker.
+
+``--side-by-side`` removes that drift from the span comparison too: the direct side (a pool of
+one process) and the study (a local Ray with one CPU) run at the same time, each its N trials
+one after the other, one core each. Both sides then see the same machine at the same moment.
+Ray's own processes and Tune's driver (about 2 % of the machine) run at niceness 0 and Ray's
+workers at 15, so that work takes its CPU from the study's trial first: the study's one trial
+bears all of it, where in a study on all cores each trial bears its share. ``--direct-nice 15``
+runs the direct trials at the workers' niceness, and that work falls on both sides alike.
+
+    python bench/bench_study_overhead.py --side-by-side --trials 4 --repeats 3
 """
 
 from __future__ import annotations
@@ -39,6 +49,7 @@ import statistics
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -94,24 +105,41 @@ def measure(root: Path, args: argparse.Namespace, worker_env: dict[str, str]) ->
         cfg = t.config.model_copy(deep=True)
         cfg.train.checkpoint_dir = str(root / "direct" / t.name)   # both sides write checkpoints
         configs.append(cfg.model_dump(mode="json"))
-    t0, w0 = time.perf_counter(), time.time()
-    with mp.get_context("spawn").Pool(args.processes) as pool:
+    processes = 1 if args.side_by_side else args.processes
+    pool = mp.get_context("spawn").Pool(processes, initializer=os.nice, initargs=(args.direct_nice,))
+
+    def run_direct() -> tuple[float, tuple]:
+        t0, w0 = time.perf_counter(), time.time()
         direct_fit, begins_direct, ends = zip(*pool.map(direct_trial, configs, chunksize=1))
-    direct = time.perf_counter() - t0
-    direct_span = (w0, min(begins_direct), max(ends), time.time())
+        return time.perf_counter() - t0, (direct_fit, begins_direct, ends, w0, time.time())
+
+    if not args.side_by_side:  # first the direct trials, then the study
+        direct, (direct_fit, begins_direct, ends, w0, w1) = run_direct()
+        direct_span = (w0, min(begins_direct), max(ends), w1)
 
     yaml_path = root / "study.yaml"
     yaml_path.write_text("# written by bench_study_overhead.py\n")
     t0 = time.perf_counter()
-    ray.init(num_cpus=args.processes, include_dashboard=False, log_to_driver=False,  # timed apart
+    ray.init(num_cpus=processes, include_dashboard=False, log_to_driver=False,  # timed apart
              runtime_env={"env_vars": worker_env} if worker_env else None)
     ray_start = time.perf_counter() - t0
-    w0 = time.time()
-    result = run_study(study, yaml_path, num_cpus=args.processes, verbose=0)
-    t1, w1 = time.perf_counter(), time.time()
+    if args.side_by_side:  # the direct trials in a thread of this process, beside the study
+        with ThreadPoolExecutor(1) as ex:
+            direct_future = ex.submit(run_direct)
+            w0 = time.time()
+            result = run_study(study, yaml_path, num_cpus=processes, verbose=0)
+            t1, w1 = time.perf_counter(), time.time()
+            direct, (direct_fit, begins_direct, ends, dw0, dw1) = direct_future.result()
+        direct_span = (dw0, min(begins_direct), max(ends), dw1)
+    else:
+        w0 = time.time()
+        result = run_study(study, yaml_path, num_cpus=processes, verbose=0)
+        t1, w1 = time.perf_counter(), time.time()
+    pool.close()
+    t2 = time.perf_counter()
     ray.shutdown()
-    ray_stop = time.perf_counter() - t1
-    studied = time.perf_counter() - t0
+    ray_stop = time.perf_counter() - t2
+    studied = t1 - t0 + ray_stop
     assert len(result.finished) == args.trials, result
     client = mlflow.MlflowClient(study.tracking.uri)
     children = client.search_runs([client.get_experiment_by_name(study.experiment).experiment_id],
@@ -130,8 +158,8 @@ def measure(root: Path, args: argparse.Namespace, worker_env: dict[str, str]) ->
     study_trials, direct_trials = study_span[2] - study_span[1], direct_span[2] - direct_span[1]
     return {"direct": direct, "study": studied, "ray": fixed,
             "once": study_span[1] - study_span[0] + study_span[3] - study_span[2] + fixed,
-            "trial": direct * args.processes / args.trials,
-            "per_trial": (study_trials - direct_trials) * args.processes / args.trials,
+            "trial": direct * processes / args.trials,
+            "per_trial": (study_trials - direct_trials) * processes / args.trials,
             "direct_fit": statistics.median(direct_fit),
             "added": statistics.median(study_added) - statistics.median(direct_added),
             "training": statistics.median(study_training)} | \
@@ -146,6 +174,11 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=1, help="direct/study pairs, one after the other")
     p.add_argument("--worker-env", action="append", default=[], metavar="KEY=VALUE",
                    help="an environment variable for the study's Ray workers only (repeatable)")
+    p.add_argument("--side-by-side", action="store_true",
+                   help="run the direct trials and the study at the same time, one process each "
+                   "(--processes is ignored)")
+    p.add_argument("--direct-nice", type=int, default=0, metavar="N",
+                   help="run the direct trials at niceness N (Ray runs its workers at 15)")
     p.add_argument("--alternate", action="store_true",
                    help="every second repeat without --worker-env (the first one without), a median per arm")
     args = p.parse_args()
@@ -171,7 +204,8 @@ def main() -> None:
                   f"{m['per_trial']:+.1f} s of {m['trial']:.0f} s ({100 * m['per_trial'] / m['trial']:+.1f} %)",
                   flush=True)
 
-    print(f"\n{args.trials} trials of {args.epochs} epochs, {args.processes} at a time; one row per repeat, "
+    at_a_time = "side by side, one process each" if args.side_by_side else f"{args.processes} at a time"
+    print(f"\n{args.trials} trials of {args.epochs} epochs, {at_a_time}; one row per repeat, "
           "then the median. Per study: Ray start/stop, and the driver's and Tune's work before the first trial "
           "begins and after the last ends. Per trial: the span from the first trial's begin to the last one's "
           "end, against the direct pool's, times processes / trials.")
