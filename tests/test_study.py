@@ -325,22 +325,32 @@ def test_a_search_samples_n_trials_per_grid_cell_within_the_ranges(tmp_path, loc
     assert first_two(4) != first_two(3)
 
 
+def start_driver(tmp_path: Path, path: Path, until) -> tuple[subprocess.Popen, object]:
+    """Start `nem-study run STUDY` in its own process group on one Ray CPU (output in run.log), and
+    poll ``until()`` every 50 ms for up to 180 s. Returns the running driver and until()'s last value."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "NEM_RAY_CPUS": "1"}
+    with open(tmp_path / "run.log", "w") as log:
+        driver = subprocess.Popen([sys.executable, "-m", "nem_study.cli", "run", str(path)], cwd=tmp_path, env=env,
+                                  stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    deadline, value = time.monotonic() + 180, None
+    while time.monotonic() < deadline and driver.poll() is None and not (value := until()):
+        time.sleep(0.05)
+    assert driver.poll() is None, "the study ended first:\n" + (tmp_path / "run.log").read_text()[-3000:]
+    return driver, value
+
+
 def test_resume_after_the_driver_is_killed_continues_each_trial_in_its_own_child_run(tmp_path):
     """SIGKILL `nem-study run` (its process group) once a trial has reported an epoch, then resume."""
     epochs = 10
     path = study_yaml(tmp_path, "  model.k: [2, 3]", seeds=1, max_epochs=epochs)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "NEM_RAY_CPUS": "1"}
     results = tmp_path / "ray_results" / "tiny"
-    with open(tmp_path / "run.log", "w") as log:
-        driver = subprocess.Popen([sys.executable, "-m", "nem_study.cli", "run", str(path)], cwd=tmp_path, env=env,
-                                  stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    reported: list[dict] = []
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline and driver.poll() is None and not reported:
-        if list(results.glob("experiment_state-*.json")):   # Tune has something to restore from
-            reported = [json.loads(line) for f in results.glob("0*/result.json") for line in f.read_text().splitlines()]
-        time.sleep(0.05)
-    assert driver.poll() is None, "the study ended first:\n" + (tmp_path / "run.log").read_text()[-3000:]
+
+    def reported_epochs() -> list[dict]:
+        if not list(results.glob("experiment_state-*.json")):   # Tune has nothing to restore from yet
+            return []
+        return [json.loads(line) for f in results.glob("0*/result.json") for line in f.read_text().splitlines()]
+
+    driver, reported = start_driver(tmp_path, path, until=reported_epochs)
     os.killpg(driver.pid, signal.SIGKILL)
     driver.wait()
     assert reported, "no epoch reported in time"
@@ -377,15 +387,8 @@ def test_resume_after_the_driver_is_killed_continues_each_trial_in_its_own_child
 def test_ctrl_c_with_trials_pending_says_how_to_resume_and_resume_finishes(tmp_path):
     """SIGINT to `nem-study run` (Ctrl-C) while one trial runs and two wait for the one CPU."""
     path = study_yaml(tmp_path, "  model.k: [2, 3, 4]", seeds=1, max_epochs=10)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "NEM_RAY_CPUS": "1"}
     results = tmp_path / "ray_results" / "tiny"
-    with open(tmp_path / "run.log", "w") as log:
-        driver = subprocess.Popen([sys.executable, "-m", "nem_study.cli", "run", str(path)], cwd=tmp_path, env=env,
-                                  stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline and driver.poll() is None and not list(results.glob("0*/result.json")):
-        time.sleep(0.05)
-    assert driver.poll() is None, "the study ended first:\n" + (tmp_path / "run.log").read_text()[-3000:]
+    driver, _ = start_driver(tmp_path, path, until=lambda: list(results.glob("0*/result.json")))
     os.kill(driver.pid, signal.SIGINT)
     assert driver.wait(timeout=120) == 130
     out = (tmp_path / "run.log").read_text()
