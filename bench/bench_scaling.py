@@ -10,6 +10,7 @@ factor (1: linear). The plot has the three sweeps as log-log panels.
     .venv/bin/python bench/bench_scaling.py --threads 2                # bf16 autocast, minutes on 2 cores
     .venv/bin/python bench/bench_scaling.py --precision fp32 --plot results/scaling_fp32.png
     .venv/bin/python bench/bench_scaling.py --quick --repeats 1 --plot /tmp/scaling.png   # smoke run
+    python bench/bench_scaling.py --device cuda --plot scaling_gpu.png   # a GPU: the graphed step (its default)
 """
 
 from __future__ import annotations
@@ -40,11 +41,12 @@ QUICK_BASE = {"K": 2, "T": 2, "batch": 4}
 QUICK_SWEEPS = {"K": [1, 2], "T": [2, 3], "batch": [4, 8]}
 
 
-def time_point(k: int, t: int, batch: int, repeats: int, precision: str) -> float:
-    """Median seconds per training step at K = k, T = t (t + 1 frames), batch ``batch``."""
+def time_point(k: int, t: int, batch: int, repeats: int, precision: str, device: str = "cpu") -> float:
+    """Median seconds per training step at K = k, T = t (t + 1 frames), batch ``batch``; on a GPU
+    the step the trainer takes there by default, one CUDA graph (``train.cuda_graph``)."""
     cfg = RunConfig.model_validate({"data": {"name": "flying_shapes", "frames": t + 1},
                                     "model": {"k": k}, "train": {"batch_size": batch, "precision": precision}})
-    return statistics.median(step_time(cfg, batch, repeats, precision))
+    return statistics.median(step_time(cfg, batch, repeats, precision, device, graph=device == "cuda"))
 
 
 def loglog_fit(xs: list[int], ys: list[float]) -> np.ndarray:
@@ -57,6 +59,7 @@ def main() -> None:
     p.add_argument("--precision", choices=["fp32", "bf16"], default="bf16")
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     p.add_argument("--quick", action="store_true", help="smoke run: tiny sweeps around K 2, T 2, batch 4")
     p.add_argument("--plot", default="results/scaling.png", help="where the log-log PNG goes")
     args = p.parse_args()
@@ -64,7 +67,7 @@ def main() -> None:
     base, sweeps = (QUICK_BASE, QUICK_SWEEPS) if args.quick else (BASE, SWEEPS)
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
           f"torch threads {args.threads}; torch {torch.__version__}, python {platform.python_version()}; "
-          f"precision {args.precision}")
+          f"precision {args.precision}; device {torch.cuda.get_device_name() if args.device == 'cuda' else 'cpu'}")
     print(f"flying shapes, RNN-EM (conv); base K {base['K']}, T {base['T']}, batch {base['batch']}; "
           f"median of {args.repeats} steps after one warm-up step; epoch = {EPOCH:,} sequences")
 
@@ -74,7 +77,7 @@ def main() -> None:
         epochs = []
         for v in values:
             point = {**base, factor: v}
-            s = time_point(point["K"], point["T"], point["batch"], args.repeats, args.precision)
+            s = time_point(point["K"], point["T"], point["batch"], args.repeats, args.precision, args.device)
             epochs.append(EPOCH / point["batch"] * s)
             print(f"| {factor} | {v} | {s:.3f} | {point['batch'] / s:.1f} | {epochs[-1]:,.0f} |", flush=True)
         coef = loglog_fit(values, epochs)
@@ -95,7 +98,8 @@ def main() -> None:
         others = ", ".join(f"{k} {v}" for k, v in base.items() if k != factor)
         ax.set_title(f"vs {factor} ({others})", fontsize=10)
         ax.legend(fontsize=8)
-    fig.suptitle(f"flying shapes RNN-EM training time, {args.precision}, torch threads {args.threads}", fontsize=11)
+    where = "one CUDA graph per step" if args.device == "cuda" else f"torch threads {args.threads}"
+    fig.suptitle(f"flying shapes RNN-EM training time, {args.precision}, {where}", fontsize=11)
     fig.tight_layout()
     Path(args.plot).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(args.plot, dpi=120)

@@ -95,9 +95,10 @@ class NetworkStep(Step):
         return time.perf_counter() - t0
 
 
-def step_time(cfg: RunConfig, batch: int, repeats: int, precision: str = "fp32") -> list[float]:
+def step_time(cfg: RunConfig, batch: int, repeats: int, precision: str = "fp32", device: str = "cpu",
+              graph: bool = False) -> list[float]:
     """Seconds per training step, ``repeats`` times after one warm-up step."""
-    step = Step(cfg, batch, precision=precision)
+    step = Step(cfg, batch, precision=precision, device=device, graph=graph)
     step.run()
     return [step.run() for _ in range(repeats)]
 
