@@ -13,6 +13,10 @@ Three questions, each answered by timing forward + backward of one layer in fp32
    (``UpConv``) against the equivalent stride-2 transposed conv with a 5x5 kernel.
 4. The wide layers (the 32 -> 64 conv, the 3136 <-> 512 linears, the 64 -> 32 up-conv) as a
    fraction of the dense matmul peak of the same precision, measured in the same run.
+5. Why inductor's ReLU is slow: compiled kernels that write a bool tensor (the mask ReLU saves
+   for its backward) against the same kernels writing floats.
+
+    .venv/bin/python bench/bench_layers.py --parts 5      # one part
 
 Each row prints milliseconds and achieved GFLOP/s where the layer has FLOPs.
 """
@@ -70,11 +74,25 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--repeats", type=int, default=20)
+    p.add_argument("--parts", type=int, nargs="+", default=[1, 2, 3, 4, 5], choices=[1, 2, 3, 4, 5])
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     print(f"torch {torch.__version__}, {args.threads} threads, N = {N} images; ms per forward + backward")
 
+    if 1 in args.parts:
+        layer_norm_activation(args)
+    if 2 in args.parts:
+        first_conv(args)
+    if 3 in args.parts:
+        up_conv(args)
+    if 4 in args.parts:
+        wide_layers(args)
+    if 5 in args.parts:
+        bool_outputs(args)
+
+
+def layer_norm_activation(args) -> None:
     print("\n1. LayerNorm + activation: eager against torch.compile of the pair")
     print("| shape | pair | precision | eager ms | compiled ms | compiled / eager |\n|---|---|---|---|---|---|")
     for shape in [(32, 14, 14), (64, 7, 7), (3136,)]:
@@ -87,6 +105,9 @@ def main() -> None:
                 t = [ms(lambda f=f: f(x, w.to(dtype), b.to(dtype)).backward(g), args.repeats) for f in (fn, compiled)]
                 print(f"| {shape} | {fn.__name__} | {name} | {t[0]:.2f} | {t[1]:.2f} | {t[1] / t[0]:.2f} |", flush=True)
 
+
+
+def first_conv(args) -> None:
     print("\n2. The first conv, 1 -> 32 channels, 4x4 stride 2, 28 x 28 -> 14 x 14")
     print("| precision | part | ms | GFLOP/s |\n|---|---|---|---|")
     grad = torch.ops.aten.convolution_backward
@@ -108,6 +129,9 @@ def main() -> None:
             t = ms(f, args.repeats)
             print(f"| {name} | {part} | {t:.2f} | {flops / t / 1e6:.0f} |", flush=True)
 
+
+
+def up_conv(args) -> None:
     print("\n3. Up-conv: sub-pixel conv (UpConv) against a stride-2 transposed conv")
     print("| layer | precision | UpConv ms | transposed ms | transposed / UpConv | max abs difference |")
     print("|---|---|---|---|---|---|")
@@ -123,6 +147,9 @@ def main() -> None:
             print(f"| {c_in} -> {c_out}, {size} -> {2 * size} | {name} | {t[0]:.2f} | {t[1]:.2f} | "
                   f"{t[1] / t[0]:.2f} | {diff:.1e} |", flush=True)
 
+
+
+def wide_layers(args) -> None:
     print("\n4. The wide layers against the matmul peak (forward + backward FLOPs = 3x forward)")
     print("| layer | precision | ms | GFLOP/s | % of peak |\n|---|---|---|---|---|")
     up = UpConv(64, 32)
@@ -141,6 +168,23 @@ def main() -> None:
                 t = ms(lambda: module(x).float().sum().backward(), args.repeats)
             print(f"| {layer} | {name} | {t:.2f} | {3 * flops / t / 1e6:.0f} | {100 * 3 * flops / (t / 1e3) / peak:.0f} |",
                   flush=True)
+
+
+
+def bool_outputs(args) -> None:
+    print("\n5. Compiled kernels writing a bool tensor against the same kernels writing floats")
+    print("| kernel (N x 32 x 14 x 14 elements) | eager ms | compiled ms | compiled / eager |\n|---|---|---|---|")
+    x = torch.randn(N, 32, 14, 14, requires_grad=True)
+    g = torch.randn(N, 32, 14, 14)
+    with torch.no_grad():
+        for name, fn in [("x > 0 (bool out)", lambda x: x > 0), ("(x > 0).float() (float out)", lambda x: (x > 0).float())]:
+            compiled = torch.compile(fn, dynamic=False)
+            t = [ms(lambda f=f: f(x), args.repeats) for f in (fn, compiled)]
+            print(f"| {name}, no grad | {t[0]:.2f} | {t[1]:.2f} | {t[1] / t[0]:.2f} |", flush=True)
+    for name, fn in [("relu (saves a bool mask)", F.relu), ("elu (saves its output)", F.elu)]:
+        compiled = torch.compile(fn, dynamic=False)
+        t = [ms(lambda f=f: f(x).backward(g), args.repeats) for f in (fn, compiled)]
+        print(f"| {name}, forward + backward | {t[0]:.2f} | {t[1]:.2f} | {t[1] / t[0]:.2f} |", flush=True)
 
 
 if __name__ == "__main__":
