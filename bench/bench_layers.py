@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/bench_layers.py [--threads 2] [--repeats 20]
 
-Three questions, each answered by timing forward + backward of one layer in fp32 and bf16
+Five questions, each answered by timing one layer or kernel, forward + backward unless said
 (median of ``--repeats`` after a warm-up):
 
 1. LayerNorm + activation, the networks' most common elementwise pair: eager against
@@ -106,7 +106,6 @@ def layer_norm_activation(args) -> None:
                 print(f"| {shape} | {fn.__name__} | {name} | {t[0]:.2f} | {t[1]:.2f} | {t[1] / t[0]:.2f} |", flush=True)
 
 
-
 def first_conv(args) -> None:
     print("\n2. The first conv, 1 -> 32 channels, 4x4 stride 2, 28 x 28 -> 14 x 14")
     print("| precision | part | ms | GFLOP/s |\n|---|---|---|---|")
@@ -130,7 +129,6 @@ def first_conv(args) -> None:
             print(f"| {name} | {part} | {t:.2f} | {flops / t / 1e6:.0f} |", flush=True)
 
 
-
 def up_conv(args) -> None:
     print("\n3. Up-conv: sub-pixel conv (UpConv) against a stride-2 transposed conv")
     print("| layer | precision | UpConv ms | transposed ms | transposed / UpConv | max abs difference |")
@@ -146,7 +144,6 @@ def up_conv(args) -> None:
                      ms(lambda: transposed_up_conv(x, up.weight, up.bias).sum().backward(), args.repeats)]
             print(f"| {c_in} -> {c_out}, {size} -> {2 * size} | {name} | {t[0]:.2f} | {t[1]:.2f} | "
                   f"{t[1] / t[0]:.2f} | {diff:.1e} |", flush=True)
-
 
 
 def wide_layers(args) -> None:
@@ -168,7 +165,6 @@ def wide_layers(args) -> None:
                 t = ms(lambda: module(x).float().sum().backward(), args.repeats)
             print(f"| {layer} | {name} | {t:.2f} | {3 * flops / t / 1e6:.0f} | {100 * 3 * flops / (t / 1e3) / peak:.0f} |",
                   flush=True)
-
 
 
 def bool_outputs(args) -> None:

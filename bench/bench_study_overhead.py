@@ -106,11 +106,12 @@ def measure(root: Path, args: argparse.Namespace, worker_env: dict[str, str]) ->
         cfg.train.checkpoint_dir = str(root / "direct" / t.name)   # both sides write checkpoints
         configs.append(cfg.model_dump(mode="json"))
     processes = 1 if args.side_by_side else args.processes
-    pool = mp.get_context("spawn").Pool(processes, initializer=os.nice, initargs=(args.direct_nice,))
 
     def run_direct() -> tuple[float, tuple]:
+        """The direct trials in a fresh pool, timed from its start; the pool ends with them."""
         t0, w0 = time.perf_counter(), time.time()
-        direct_fit, begins_direct, ends = zip(*pool.map(direct_trial, configs, chunksize=1))
+        with mp.get_context("spawn").Pool(processes, initializer=os.nice, initargs=(args.direct_nice,)) as pool:
+            direct_fit, begins_direct, ends = zip(*pool.map(direct_trial, configs, chunksize=1))
         return time.perf_counter() - t0, (direct_fit, begins_direct, ends, w0, time.time())
 
     if not args.side_by_side:  # first the direct trials, then the study
@@ -135,7 +136,6 @@ def measure(root: Path, args: argparse.Namespace, worker_env: dict[str, str]) ->
         w0 = time.time()
         result = run_study(study, yaml_path, num_cpus=processes, verbose=0)
         t1, w1 = time.perf_counter(), time.time()
-    pool.close()
     t2 = time.perf_counter()
     ray.shutdown()
     ray_stop = time.perf_counter() - t2
