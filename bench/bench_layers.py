@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/bench_layers.py [--threads 2] [--repeats 20]
 
-Five questions, each answered by timing one layer or kernel, forward + backward unless said
+Seven questions, each answered by timing one layer or kernel, forward + backward unless said
 (median of ``--repeats`` after a warm-up):
 
 1. LayerNorm + activation, the networks' most common elementwise pair: eager against
@@ -15,6 +15,10 @@ Five questions, each answered by timing one layer or kernel, forward + backward 
    fraction of the dense matmul peak of the same precision, measured in the same run.
 5. Why inductor's ReLU is slow: compiled kernels that write a bool tensor (the mask ReLU saves
    for its backward) against the same kernels writing floats.
+6. Every conv of the network apart (the two strided convs and the two up-convs' 3x3 convs):
+   forward, input gradient and weight gradient, each as a fraction of the matmul peak.
+7. The network alone (T = 20 cell calls, backward, Adam) as the model builds it, against the
+   two layout knobs eager PyTorch offers: channels-last memory format and in-place activations.
 
     .venv/bin/python bench/bench_layers.py --parts 5      # one part
 
@@ -36,7 +40,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_train import matmul_peak  # noqa: E402
-from nem_study.model import UpConv  # noqa: E402
+from nem_study.config import RunConfig  # noqa: E402
+from nem_study.model import NEM, UpConv  # noqa: E402
 
 N = 192  # batch 64 x K = 3
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -74,7 +79,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--repeats", type=int, default=20)
-    p.add_argument("--parts", type=int, nargs="+", default=[1, 2, 3, 4, 5], choices=[1, 2, 3, 4, 5])
+    p.add_argument("--parts", type=int, nargs="+", default=[1, 2, 3, 4, 5, 6, 7],
+                   choices=[1, 2, 3, 4, 5, 6, 7])
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -90,6 +96,10 @@ def main() -> None:
         wide_layers(args)
     if 5 in args.parts:
         bool_outputs(args)
+    if 6 in args.parts:
+        every_conv(args)
+    if 7 in args.parts:
+        network_layouts(args)
 
 
 def layer_norm_activation(args) -> None:
@@ -181,6 +191,79 @@ def bool_outputs(args) -> None:
         compiled = torch.compile(fn, dynamic=False)
         t = [ms(lambda f=f: f(x).backward(g), args.repeats) for f in (fn, compiled)]
         print(f"| {name}, forward + backward | {t[0]:.2f} | {t[1]:.2f} | {t[1] / t[0]:.2f} |", flush=True)
+
+
+def every_conv(args) -> None:
+    print("\n6. Every conv apart: forward, input gradient, weight gradient (+ bias), % of the matmul peak")
+    print("| conv (as computed) | precision | forward ms (%) | input grad ms (%) | weight grad ms (%) |")
+    print("|---|---|---|---|---|")
+    grad = torch.ops.aten.convolution_backward
+    convs = {  # name -> (c_in, c_out, kernel, stride, input size); padding 1 throughout
+        "1 -> 32, 4x4 stride 2, 28 -> 14": (1, 32, 4, 2, 28),
+        "32 -> 64, 4x4 stride 2, 14 -> 7": (32, 64, 4, 2, 14),
+        "up-conv 64 -> 32: 64 -> 128, 3x3, 7 x 7": (64, 128, 3, 1, 7),
+        "up-conv 32 -> 1: 32 -> 4, 3x3, 14 x 14": (32, 4, 3, 1, 14),
+    }
+    for name, dtype in DTYPES.items():
+        peak = matmul_peak(dtype)
+        for conv, (c_in, c_out, k, s, size) in convs.items():
+            x = torch.randn(N, c_in, size, size, dtype=dtype)
+            w = 0.1 * torch.randn(c_out, c_in, k, k, dtype=dtype)
+            y = F.conv2d(x, w, None, s, 1)
+            g = torch.randn_like(y)
+            flops = 2 * y.numel() * c_in * k * k  # the same for each of the three
+            t = [ms(lambda: F.conv2d(x, w, None, s, 1), args.repeats)]
+            for mask in ([True, False, False], [False, True, True]):
+                t.append(ms(lambda m=mask: grad(g, x, w, [c_out], [s, s], [1, 1], [1, 1], False, [0, 0], 1, m),
+                            args.repeats))
+            cells = " | ".join(f"{v:.2f} ({100 * flops / (v / 1e3) / peak:.0f} %)" for v in t)
+            print(f"| {conv} | {name} | {cells} |", flush=True)
+
+
+def network_layouts(args, rounds: int = 7, T: int = 20) -> None:
+    print("\n7. The network alone (T = 20 cell calls, backward, Adam): the model as built, channels-last,")
+    print("   in-place activations; the three alternate, median of the rounds, s per step")
+    print("| precision | as built | channels-last | in-place activations | channels-last / as built | "
+          "in-place / as built |\n|---|---|---|---|---|---|")
+    cfg = RunConfig.model_validate({"data": {"name": "flying_shapes"}})
+    S, K = cfg.data.image_size, cfg.model.k
+
+    def network_step(layout: str, precision: str):
+        torch.manual_seed(0)
+        cell = NEM(cfg.model, S).cell
+        x = (torch.rand(64 * K, 1, S, S) > 0.85).float()                       # (B*K, 1, H, W)
+        if layout == "channels-last":
+            cell, x = cell.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
+        if layout == "in-place":
+            for m in cell.modules():
+                if isinstance(m, (torch.nn.ReLU, torch.nn.ELU)):
+                    m.inplace = True  # safe here: each follows a LayerNorm, whose backward needs its input
+        opt = torch.optim.Adam(cell.parameters(), 1e-3)
+
+        def run() -> tuple[float, float]:
+            t0 = time.perf_counter()
+            h, loss = x.new_zeros(64 * K, cfg.model.hidden), 0.0                  # (B*K, Z)
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+                for _ in range(T):
+                    h, out = cell(x, h)
+                    loss = loss + out.float().square().mean()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            return time.perf_counter() - t0, loss.item()
+        return run
+
+    for precision in DTYPES:
+        steps = {layout: network_step(layout, precision) for layout in ("as built", "channels-last", "in-place")}
+        first = {layout: run()[1] for layout, run in steps.items()}  # warm-up; the same weights give the same loss
+        assert max(first.values()) - min(first.values()) < 1e-3 * abs(first["as built"]), first
+        times = {layout: [] for layout in steps}
+        for _ in range(rounds):
+            for layout, run in steps.items():
+                times[layout].append(run()[0])
+        t = {layout: statistics.median(v) for layout, v in times.items()}
+        print(f"| {precision} | {t['as built']:.3f} | {t['channels-last']:.3f} | {t['in-place']:.3f} | "
+              f"{t['channels-last'] / t['as built']:.2f} | {t['in-place'] / t['as built']:.2f} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -1,9 +1,11 @@
 """UpConv (sub-pixel 3x3 conv + pixel shuffle) against upsample -> pad -> 4x4 conv.
 
-Times the flying-shapes training step (batch 64, T = 20, K = 3) with the project's UpConv and
-with the plain PyTorch layers it replaces (same weights), alternating, in one process.
+Times the flying-shapes training step (batch 64, T = 20, K = 3) with the project's UpConv, with
+the plain PyTorch layers it replaces, and with UpConv handing conv2d its kernel in the layout
+einsum returns (channels-last for the 32 -> 1 up-conv; ``UpConv.kernel`` makes it contiguous).
+Same weights, alternating, in one process.
 
-    .venv/bin/python bench/bench_upconv.py [--repeats 5] [--threads 2]
+    .venv/bin/python bench/bench_upconv.py [--repeats 5] [--threads 2] [--precision fp32]
 """
 
 from __future__ import annotations
@@ -32,17 +34,30 @@ class PlainUpConv(nn.Module):
                         self.weight, self.bias)
 
 
-def swap_in_plain(module: nn.Module) -> None:
+class EinsumLayoutUpConv(UpConv):
+    """UpConv before its kernel was made contiguous: the kernel as einsum's reshape returns it."""
+
+    def __init__(self, layer: UpConv):
+        nn.Module.__init__(self)
+        self.weight, self.bias, self.taps = layer.weight, layer.bias, layer.taps
+
+    def kernel(self):
+        O, I = self.weight.shape[:2]
+        return torch.einsum("paj,qbl,oijl->opqiab", self.taps, self.taps, self.weight).reshape(4 * O, I, 3, 3)
+
+
+def swap_in(module: nn.Module, cls) -> None:
     for name, child in module.named_children():
         if isinstance(child, UpConv):
-            setattr(module, name, PlainUpConv(child))
+            setattr(module, name, cls(child))
         else:
-            swap_in_plain(child)
+            swap_in(child, cls)
 
 
-def step(model, opt, x):
+def step(model, opt, x, precision):
     t0 = time.perf_counter()
-    out = model(x, x)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+        out = model(x, x)
     opt.zero_grad(set_to_none=True)
     out.loss.backward()
     opt.step()
@@ -53,15 +68,17 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
+    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     cfg = RunConfig(data={"name": "flying_shapes"})
     models = {}
-    for name in ("UpConv", "plain"):
+    variants = {"UpConv": None, "UpConv, einsum's kernel layout": EinsumLayoutUpConv, "plain": PlainUpConv}
+    for name, cls in variants.items():
         torch.manual_seed(0)
         models[name] = NEM(cfg.model, 28)
-        if name == "plain":
-            swap_in_plain(models[name])
+        if cls is not None:
+            swap_in(models[name], cls)
     opts = {n: torch.optim.SGD(m.parameters(), lr=0.0) for n, m in models.items()}  # lr 0: same weights
     x = (torch.rand(20, 64, 1, 28, 28, generator=torch.Generator().manual_seed(0)) > 0.85).float()
     times = {n: [] for n in models}
@@ -69,16 +86,16 @@ def main() -> None:
     for i in range(args.repeats + 1):
         for n in models:
             torch.manual_seed(i)  # same gamma_0 for both
-            t, losses[n] = step(models[n], opts[n], x)
+            t, losses[n] = step(models[n], opts[n], x, args.precision)
             if i:
                 times[n].append(t)
     med = {n: statistics.median(t) for n, t in times.items()}
-    print(f"torch {torch.__version__}, threads {args.threads}, batch 64, T = 20, K = 3, "
+    print(f"torch {torch.__version__}, threads {args.threads}, {args.precision}, batch 64, T = 20, K = 3, "
           f"median of {args.repeats} steps")
     for n in models:
-        print(f"{n:7s}: {med[n]:.3f} s / step, {64 / med[n]:.1f} sequences / s, loss {losses[n]:.3f}")
-    print(f"speed-up: {med['plain'] / med['UpConv']:.2f}x, "
-          f"relative loss difference {abs(losses['plain'] - losses['UpConv']) / losses['plain']:.1e}")
+        print(f"{n:31s}: {med[n]:.3f} s / step, {64 / med[n]:.1f} sequences / s, loss {losses[n]:.4f}, "
+              f"time {med[n] / med['UpConv']:.2f}x UpConv's, relative loss difference "
+              f"{abs(losses[n] - losses['UpConv']) / losses['UpConv']:.1e}")
 
 
 if __name__ == "__main__":

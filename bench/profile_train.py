@@ -5,7 +5,9 @@
 1. Inside one training step (``torch.profiler``, self CPU time of the ops over ``--steps``
    steps after a warm-up): the forward pass by part of the EM loop (encoder, RNN, decoder,
    E-step, loss; labelled by wrapping those parts for the profile only), the backward pass and
-   the optimiser by kind of op.
+   the optimiser by kind of op. Then the step against the matmul peak: its FLOP/s now, and
+   what it would reach if every conv and matmul ran at the peak while the rest (LayerNorm,
+   activations, copies, the E-step, ...) took the time it takes now.
 2. Around the steps, in ``train.fit`` itself (``cProfile`` of one epoch of 1,024 sequences with
    validation on 256, test on 256 and checkpoints): data reads, noise, the steps, validation
    and test (with the AMI and the BCE bound), checkpoint writes.
@@ -30,7 +32,7 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 from torch.profiler import ProfilerActivity, profile, record_function  # noqa: E402
 
-from bench.bench_train import Step  # noqa: E402
+from bench.bench_train import DTYPES, Step, matmul_peak, step_flops  # noqa: E402
 from nem_study import data, model, train  # noqa: E402
 from nem_study.config import RunConfig  # noqa: E402
 
@@ -70,12 +72,15 @@ def step_profile(cfg: RunConfig, steps: int, precision: str) -> None:
     model.e_step = labelled(model.e_step, "forward: E-step")
     model.em_loss = labelled(model.em_loss, "forward: loss")
     step.run()
+    plain = sorted(step.run() for _ in range(steps))[steps // 2]  # the same steps, unprofiled
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         for _ in range(steps):
             step.run()
-    total, parts = 0.0, defaultdict(float)
+    total, gemm, parts = 0.0, 0.0, defaultdict(float)
     for e in prof.events():
         total += e.self_cpu_time_total
+        if any(s in e.name for s in ("conv", "mm")):  # convolution(_backward), (add|b)mm: the ops with FLOPs
+            gemm += e.self_cpu_time_total
         label, up = None, e
         while up is not None and label is None:  # the forward part this op ran in, if any
             label = up.name if up.name.startswith("forward: ") else None
@@ -89,6 +94,22 @@ def step_profile(cfg: RunConfig, steps: int, precision: str) -> None:
     print("|---|---|---|")
     for name, us in sorted(parts.items(), key=lambda r: -r[1]):
         print(f"| {name} | {us / steps / 1e6:.3f} | {100 * us / total:.1f} % |")
+    ceiling(cfg, plain, total / steps / 1e6, gemm / steps / 1e6, precision)
+
+
+def ceiling(cfg: RunConfig, plain: float, profiled: float, gemm: float, precision: str) -> None:
+    """How close to the matmul peak the step could get if every conv and matmul ran at the peak
+    and everything else took the time it takes now."""
+    flops, peak = step_flops(cfg, 64), matmul_peak(DTYPES[precision])
+    rest = (profiled - gemm) * plain / profiled  # the profiler's overhead taken out in proportion
+    print(f"\n### Against the {precision} matmul peak ({peak / 1e9:.0f} GFLOP/s in this run)\n")
+    print(f"- one step unprofiled: {plain:.3f} s for {flops / 1e9:.1f} GFLOP = {flops / plain / 1e9:.0f} GFLOP/s, "
+          f"{100 * flops / plain / peak:.0f} % of the peak")
+    print(f"- convs and matmuls: {100 * gemm / profiled:.0f} % of the profiled step, at "
+          f"{100 * flops / (gemm * plain / profiled) / peak:.0f} % of the peak; everything else "
+          f"{rest:.3f} s")
+    print(f"- with every conv and matmul at the peak and the rest as now: {flops / peak + rest:.3f} s, "
+          f"{100 * flops / (flops / peak + rest) / peak:.0f} % of the peak")
 
 
 def fit_parts() -> list[tuple[str, object]]:
