@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/bench_layers.py [--threads 2] [--repeats 20]
 
-Seven questions, each answered by timing one layer or kernel, forward + backward unless said
+Eight questions, each answered by timing one layer or kernel, forward + backward unless said
 (median of ``--repeats`` after a warm-up):
 
 1. LayerNorm + activation, the networks' most common elementwise pair: eager against
@@ -19,6 +19,9 @@ Seven questions, each answered by timing one layer or kernel, forward + backward
    forward, input gradient and weight gradient, each as a fraction of the matmul peak.
 7. The network alone (T = 20 cell calls, backward, Adam) as the model builds it, against the
    two layout knobs eager PyTorch offers: channels-last memory format and in-place activations.
+8. Why the compiled cell loses: 4 cell calls, forward + backward, eager against ``torch.compile``
+   with inductor's defaults, without its layout optimisation (which turns conv tensors
+   channels-last), and in max-autotune; then the slowest fused kernels of the default build.
 
     .venv/bin/python bench/bench_layers.py --parts 5      # one part
 
@@ -29,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import statistics
+from collections import defaultdict
 import sys
 import time
 from pathlib import Path
@@ -79,8 +83,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--repeats", type=int, default=20)
-    p.add_argument("--parts", type=int, nargs="+", default=[1, 2, 3, 4, 5, 6, 7],
-                   choices=[1, 2, 3, 4, 5, 6, 7])
+    p.add_argument("--parts", type=int, nargs="+", default=[1, 2, 3, 4, 5, 6, 7, 8],
+                   choices=[1, 2, 3, 4, 5, 6, 7, 8])
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -100,6 +104,8 @@ def main() -> None:
         every_conv(args)
     if 7 in args.parts:
         network_layouts(args)
+    if 8 in args.parts:
+        compiled_cell(args)
 
 
 def layer_norm_activation(args) -> None:
@@ -264,6 +270,55 @@ def network_layouts(args, rounds: int = 7, T: int = 20) -> None:
         t = {layout: statistics.median(v) for layout, v in times.items()}
         print(f"| {precision} | {t['as built']:.3f} | {t['channels-last']:.3f} | {t['in-place']:.3f} | "
               f"{t['channels-last'] / t['as built']:.2f} | {t['in-place'] / t['as built']:.2f} |", flush=True)
+
+
+def compiled_cell(args, rounds: int = 7, calls: int = 4) -> None:
+    import torch._dynamo
+    import torch._inductor.config as inductor
+    from torch.profiler import ProfilerActivity, profile
+
+    print("\n8. The flying-shapes cell, 4 calls forward + backward: eager against torch.compile builds")
+    print("| build | eager s | compiled s | compiled / eager |\n|---|---|---|---|")
+    cfg = RunConfig.model_validate({"data": {"name": "flying_shapes"}})
+    x = (torch.rand(N, 1, 28, 28) > 0.85).float().requires_grad_()                # (B*K, 1, H, W)
+
+    def calls_fwd_bwd(cell) -> float:
+        t0 = time.perf_counter()
+        h, loss = x.new_zeros(N, cfg.model.hidden), 0.0
+        for _ in range(calls):
+            h, out = cell(x, h)
+            loss = loss + out.square().mean()
+        loss.backward()
+        return time.perf_counter() - t0
+
+    builds = {"default": ({}, None), "layout_optimization off": ({"layout_optimization": False}, None),
+              "max-autotune": ({}, "max-autotune-no-cudagraphs")}
+    torch.manual_seed(0)
+    eager = NEM(cfg.model, 28).cell
+    for build, (patch, mode) in builds.items():
+        torch._dynamo.reset()
+        with inductor.patch(patch | {"cpp.enable_kernel_profile": True}):
+            torch.manual_seed(0)
+            cell = NEM(cfg.model, 28).cell
+            cell.compile(dynamic=False, mode=mode)
+            calls_fwd_bwd(cell), calls_fwd_bwd(cell)  # compiles (a graph for h = 0, one for later calls)
+            calls_fwd_bwd(eager)
+            times = {"eager": [], "compiled": []}
+            for _ in range(rounds):
+                times["eager"].append(calls_fwd_bwd(eager))
+                times["compiled"].append(calls_fwd_bwd(cell))
+            e, c = (statistics.median(times[k]) for k in ("eager", "compiled"))
+            print(f"| {build} | {e:.3f} | {c:.3f} | {c / e:.2f} |", flush=True)
+            if build == "default":
+                with profile(activities=[ProfilerActivity.CPU]) as prof:
+                    calls_fwd_bwd(cell)
+                kernels = defaultdict(float)  # kernel -> us, over both graphs
+                for k in prof.key_averages():
+                    if "cpp_fused" in k.key:
+                        kernels[k.key.split("_", 2)[2]] += k.self_cpu_time_total
+    print("\nThe default build's slowest fused kernels (ms per cell call):")
+    for name, us in sorted(kernels.items(), key=lambda kv: -kv[1])[:4]:
+        print(f"- {us / 1e3 / calls:.1f} ms: {name}")
 
 
 if __name__ == "__main__":
