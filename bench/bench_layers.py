@@ -83,29 +83,16 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--repeats", type=int, default=20)
-    p.add_argument("--parts", type=int, nargs="+", default=[1, 2, 3, 4, 5, 6, 7, 8],
-                   choices=[1, 2, 3, 4, 5, 6, 7, 8])
+    p.add_argument("--parts", type=int, nargs="+", default=list(range(1, 9)), choices=range(1, 9))
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     print(f"torch {torch.__version__}, {args.threads} threads, N = {N} images; ms per forward + backward")
 
-    if 1 in args.parts:
-        layer_norm_activation(args)
-    if 2 in args.parts:
-        first_conv(args)
-    if 3 in args.parts:
-        up_conv(args)
-    if 4 in args.parts:
-        wide_layers(args)
-    if 5 in args.parts:
-        bool_outputs(args)
-    if 6 in args.parts:
-        every_conv(args)
-    if 7 in args.parts:
-        network_layouts(args)
-    if 8 in args.parts:
-        compiled_cell(args)
+    parts = [layer_norm_activation, first_conv, up_conv, wide_layers, bool_outputs, every_conv,
+             network_layouts, compiled_cell]
+    for number in sorted(set(args.parts)):
+        parts[number - 1](args)
 
 
 def layer_norm_activation(args) -> None:
