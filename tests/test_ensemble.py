@@ -49,14 +49,8 @@ def test_each_member_trains_as_fit_trains_it_alone(tmp_path, case):
         for h_alone, h_ens in zip(a["history"], b["history"], strict=True):
             for key in ("train_loss", "valid_loss"):
                 assert h_ens[key] == pytest.approx(h_alone[key], rel=RTOL), (seed, key)
-        # Adam moves a weight whose gradient is near zero by up to lr per update, whatever the
-        # gradient's rounding: allow that on a few elements in 100,000, and 1e-4 on all others.
-        cfg = cfgs[e]
-        updates = cfg.train.max_epochs * math.ceil(data["train"] / cfg.train.batch_size)
         for name, w in a["model"].items():
-            diff = (b["model"][name] - w).abs()
-            assert diff.max() <= cfg.train.lr * updates, (seed, name)
-            assert (diff > 1e-4 + 1e-4 * w.abs()).sum() <= 1e-5 * w.numel(), (seed, name)
+            torch.testing.assert_close(b["model"][name], w, rtol=1e-4, atol=1e-4)  # Adam: tiny grads, ~lr steps
         assert together[e]["epochs"] == alone["epochs"] == 2
         assert together[e]["test_loss"] == pytest.approx(alone["test_loss"], rel=RTOL)
         assert together[e]["best_epoch"] == alone["best_epoch"]

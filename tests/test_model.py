@@ -171,17 +171,6 @@ def test_up_conv_equals_upsample_then_same_padded_conv():
         assert torch.allclose(a, b, atol=1e-10)
 
 
-@pytest.mark.parametrize("c_in, c_out", [(32, 1), (64, 32), (128, 64)])
-def test_up_conv_kernel_is_in_the_default_layout(c_in, c_out):
-    """The networks' up-convs hand conv2d a kernel in the default (NCHW) layout; a channels-last
-    one (which einsum gives for 32 -> 1) makes the conv copy its input to channels-last."""
-    from nem_study.model import UpConv
-
-    kernel = UpConv(c_in, c_out).kernel()
-    assert kernel.shape == (4 * c_out, c_in, 3, 3)
-    assert kernel.is_contiguous()
-
-
 @pytest.mark.parametrize("name", ["flying_shapes", "flying_mnist"])
 def test_bf16_autocast_gives_the_fp32_loss_and_gradients_within_tolerance(name):
     """train.precision = bf16: the same loss within 1e-2 relative, gradients within 5e-2
