@@ -73,10 +73,14 @@ class UpConv(nn.Module):
             self.bias.copy_(reference.bias)
         self.register_buffer("taps", torch.tensor(self.TAPS, dtype=torch.float32), persistent=False)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def kernel(self) -> Tensor:
+        """The four phases' 3x3 kernels as one conv weight, (4 O, I, 3, 3)."""
         O, I = self.weight.shape[:2]
         kernel = torch.einsum("paj,qbl,oijl->opqiab", self.taps, self.taps, self.weight)  # (O, 2, 2, I, 3, 3)
-        y = F.conv2d(x, kernel.reshape(4 * O, I, 3, 3), self.bias.repeat_interleave(4), padding=1)
+        return kernel.reshape(4 * O, I, 3, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = F.conv2d(x, self.kernel(), self.bias.repeat_interleave(4), padding=1)  # (B, 4 O, H, W)
         return F.pixel_shuffle(y, 2)                                # (B, O, 2H, 2W)
 
 
