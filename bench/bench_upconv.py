@@ -1,9 +1,9 @@
 """UpConv (sub-pixel 3x3 conv + pixel shuffle) against upsample -> pad -> 4x4 conv.
 
 Times the flying-shapes training step (batch 64, T = 20, K = 3) with the project's UpConv, with
-the plain PyTorch layers it replaces, and with UpConv handing conv2d its kernel in the layout
-einsum returns (channels-last for the 32 -> 1 up-conv; ``UpConv.kernel`` makes it contiguous).
-Same weights, alternating, in one process.
+the plain PyTorch layers it replaces, and with UpConv handing conv2d its kernel made contiguous
+(einsum returns a channels-last view for the 32 -> 1 up-conv, and conv2d then copies its input
+to channels-last). Same weights, alternating, in one process.
 
     .venv/bin/python bench/bench_upconv.py [--repeats 5] [--threads 2] [--precision fp32]
 """
@@ -34,16 +34,15 @@ class PlainUpConv(nn.Module):
                         self.weight, self.bias)
 
 
-class EinsumLayoutUpConv(UpConv):
-    """UpConv before its kernel was made contiguous: the kernel as einsum's reshape returns it."""
+class ContiguousKernelUpConv(UpConv):
+    """UpConv with its kernel made contiguous before the conv (tried in 1d31b6e, reverted)."""
 
     def __init__(self, layer: UpConv):
         nn.Module.__init__(self)
         self.weight, self.bias, self.taps = layer.weight, layer.bias, layer.taps
 
     def kernel(self):
-        O, I = self.weight.shape[:2]
-        return torch.einsum("paj,qbl,oijl->opqiab", self.taps, self.taps, self.weight).reshape(4 * O, I, 3, 3)
+        return super().kernel().contiguous()
 
 
 def swap_in(module: nn.Module, cls) -> None:
@@ -73,7 +72,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     cfg = RunConfig(data={"name": "flying_shapes"})
     models = {}
-    variants = {"UpConv": None, "UpConv, einsum's kernel layout": EinsumLayoutUpConv, "plain": PlainUpConv}
+    variants = {"UpConv": None, "UpConv, contiguous kernel": ContiguousKernelUpConv, "plain": PlainUpConv}
     for name, cls in variants.items():
         torch.manual_seed(0)
         models[name] = NEM(cfg.model, 28)
