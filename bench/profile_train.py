@@ -79,14 +79,14 @@ def step_profile(cfg: RunConfig, steps: int, precision: str) -> None:
     total, gemm, parts = 0.0, 0.0, defaultdict(float)
     for e in prof.events():
         total += e.self_cpu_time_total
-        if any(s in e.name for s in ("conv", "mm")):  # convolution(_backward), (add|b)mm: the ops with FLOPs
+        kind = next((k for k, subs in KINDS if any(s in e.name.lower() for s in subs)), "other elementwise")
+        if kind in ("conv", "matmul / linear"):  # the ops with FLOPs, forward and backward
             gemm += e.self_cpu_time_total
         label, up = None, e
         while up is not None and label is None:  # the forward part this op ran in, if any
             label = up.name if up.name.startswith("forward: ") else None
             up = up.cpu_parent
         if label is None:
-            kind = next((k for k, subs in KINDS if any(s in e.name.lower() for s in subs)), "other elementwise")
             label = f"backward, optimiser, noise: {kind}"
         parts[label] += e.self_cpu_time_total
     print(f"\n### Inside a training step ({precision}, {steps} steps, {total / steps / 1e6:.3f} s / step)\n")
