@@ -19,8 +19,8 @@ Eight questions, each answered by timing one layer or kernel, forward + backward
    forward, input gradient and weight gradient, each as a fraction of the matmul peak.
 7. The network alone (T = 20 cell calls, backward, Adam) as the model builds it, against the
    two layout knobs eager PyTorch offers: channels-last memory format and in-place activations.
-8. Why the compiled cell loses: 4 cell calls, forward + backward, eager against ``torch.compile``
-   with inductor's defaults, without its layout optimisation (which turns conv tensors
+8. Why the compiled cell loses: the network alone (as in 7), eager against ``torch.compile`` of
+   the cell with inductor's defaults, without its layout optimisation (which turns conv tensors
    channels-last), and in max-autotune; then the slowest fused kernels of the default build.
 
     .venv/bin/python bench/bench_layers.py --parts 5      # one part
@@ -32,9 +32,9 @@ from __future__ import annotations
 
 import argparse
 import statistics
-from collections import defaultdict
 import sys
 import time
+from collections import defaultdict
 from pathlib import Path
 
 import torch
@@ -43,9 +43,9 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_train import matmul_peak  # noqa: E402
+from bench_train import NetworkStep, matmul_peak  # noqa: E402
 from nem_study.config import RunConfig  # noqa: E402
-from nem_study.model import NEM, UpConv  # noqa: E402
+from nem_study.model import UpConv  # noqa: E402
 
 N = 192  # batch 64 x K = 3
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -213,99 +213,65 @@ def every_conv(args) -> None:
             print(f"| {conv} | {name} | {cells} |", flush=True)
 
 
-def network_layouts(args, rounds: int = 7, T: int = 20) -> None:
+def network_layouts(args, rounds: int = 7) -> None:
     print("\n7. The network alone (T = 20 cell calls, backward, Adam): the model as built, channels-last,")
     print("   in-place activations; the three alternate, median of the rounds, s per step")
     print("| precision | as built | channels-last | in-place activations | channels-last / as built | "
           "in-place / as built |\n|---|---|---|---|---|---|")
     cfg = RunConfig.model_validate({"data": {"name": "flying_shapes"}})
-    S, K = cfg.data.image_size, cfg.model.k
-
-    def network_step(layout: str, precision: str):
-        torch.manual_seed(0)
-        cell = NEM(cfg.model, S).cell
-        x = (torch.rand(64 * K, 1, S, S) > 0.85).float()                       # (B*K, 1, H, W)
-        if layout == "channels-last":
-            cell, x = cell.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
-        if layout == "in-place":
-            for m in cell.modules():
-                if isinstance(m, (torch.nn.ReLU, torch.nn.ELU)):
-                    m.inplace = True  # safe here: each follows a LayerNorm, whose backward needs its input
-        opt = torch.optim.Adam(cell.parameters(), 1e-3)
-
-        def run() -> tuple[float, float]:
-            t0 = time.perf_counter()
-            h, loss = x.new_zeros(64 * K, cfg.model.hidden), 0.0                  # (B*K, Z)
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
-                for _ in range(T):
-                    h, out = cell(x, h)
-                    loss = loss + out.float().square().mean()
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            return time.perf_counter() - t0, loss.item()
-        return run
-
     for precision in DTYPES:
-        steps = {layout: network_step(layout, precision) for layout in ("as built", "channels-last", "in-place")}
-        first = {layout: run()[1] for layout, run in steps.items()}  # warm-up; the same weights give the same loss
-        assert max(first.values()) - min(first.values()) < 1e-3 * abs(first["as built"]), first
+        steps = {layout: NetworkStep(cfg, 64, precision=precision) for layout in ("as built", "channels-last", "in-place")}
+        # the input, B*K one-channel images, is channels-last already; the weights change in place
+        steps["channels-last"].model.to(memory_format=torch.channels_last)
+        for m in steps["in-place"].model.modules():
+            if isinstance(m, (torch.nn.ReLU, torch.nn.ELU)):
+                m.inplace = True  # safe here: each follows a LayerNorm, whose backward needs its input
         times = {layout: [] for layout in steps}
+        for step in steps.values():
+            step.run()  # warm-up; the same weights give the same loss
+        losses = [step.loss for step in steps.values()]
+        assert max(losses) - min(losses) < 1e-3 * abs(losses[0]), losses
         for _ in range(rounds):
-            for layout, run in steps.items():
-                times[layout].append(run()[0])
+            for layout, step in steps.items():
+                times[layout].append(step.run())
         t = {layout: statistics.median(v) for layout, v in times.items()}
         print(f"| {precision} | {t['as built']:.3f} | {t['channels-last']:.3f} | {t['in-place']:.3f} | "
               f"{t['channels-last'] / t['as built']:.2f} | {t['in-place'] / t['as built']:.2f} |", flush=True)
 
 
-def compiled_cell(args, rounds: int = 7, calls: int = 4) -> None:
+def compiled_cell(args, rounds: int = 7) -> None:
     import torch._dynamo
     import torch._inductor.config as inductor
     from torch.profiler import ProfilerActivity, profile
 
-    print("\n8. The flying-shapes cell, 4 calls forward + backward: eager against torch.compile builds")
+    print("\n8. The network alone (T = 20 cell calls, backward, Adam): eager against torch.compile builds of the cell")
     print("| build | eager s | compiled s | compiled / eager |\n|---|---|---|---|")
     cfg = RunConfig.model_validate({"data": {"name": "flying_shapes"}})
-    x = (torch.rand(N, 1, 28, 28) > 0.85).float().requires_grad_()                # (B*K, 1, H, W)
-
-    def calls_fwd_bwd(cell) -> float:
-        t0 = time.perf_counter()
-        h, loss = x.new_zeros(N, cfg.model.hidden), 0.0
-        for _ in range(calls):
-            h, out = cell(x, h)
-            loss = loss + out.square().mean()
-        loss.backward()
-        return time.perf_counter() - t0
-
-    builds = {"default": ({}, None), "layout_optimization off": ({"layout_optimization": False}, None),
+    eager = NetworkStep(cfg, 64)
+    eager.run()
+    builds = {"default": ({}, "default"), "layout_optimization off": ({"layout_optimization": False}, "default"),
               "max-autotune": ({}, "max-autotune-no-cudagraphs")}
-    torch.manual_seed(0)
-    eager = NEM(cfg.model, 28).cell
     for build, (patch, mode) in builds.items():
         torch._dynamo.reset()
         with inductor.patch(patch | {"cpp.enable_kernel_profile": True}):
-            torch.manual_seed(0)
-            cell = NEM(cfg.model, 28).cell
-            cell.compile(dynamic=False, mode=mode)
-            calls_fwd_bwd(cell), calls_fwd_bwd(cell)  # compiles (a graph for h = 0, one for later calls)
-            calls_fwd_bwd(eager)
+            compiled = NetworkStep(cfg, 64, compile=mode)
+            compiled.run()  # compiles: one graph for the first call (h = 0), one for the others
             times = {"eager": [], "compiled": []}
             for _ in range(rounds):
-                times["eager"].append(calls_fwd_bwd(eager))
-                times["compiled"].append(calls_fwd_bwd(cell))
+                times["eager"].append(eager.run())
+                times["compiled"].append(compiled.run())
             e, c = (statistics.median(times[k]) for k in ("eager", "compiled"))
             print(f"| {build} | {e:.3f} | {c:.3f} | {c / e:.2f} |", flush=True)
             if build == "default":
                 with profile(activities=[ProfilerActivity.CPU]) as prof:
-                    calls_fwd_bwd(cell)
+                    compiled.run()
                 kernels = defaultdict(float)  # kernel -> us, over both graphs
                 for k in prof.key_averages():
                     if "cpp_fused" in k.key:
                         kernels[k.key.split("_", 2)[2]] += k.self_cpu_time_total
     print("\nThe default build's slowest fused kernels (ms per cell call):")
     for name, us in sorted(kernels.items(), key=lambda kv: -kv[1])[:4]:
-        print(f"- {us / 1e3 / calls:.1f} ms: {name}")
+        print(f"- {us / 1e3 / cfg.steps:.1f} ms: {name}")
 
 
 if __name__ == "__main__":

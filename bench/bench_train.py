@@ -91,7 +91,7 @@ class NetworkStep(Step):
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         self.opt.step()
-        loss.item()
+        self.loss = loss.item()
         return time.perf_counter() - t0
 
 
