@@ -43,6 +43,14 @@ class DataConfig(Strict):
         "e.g. [20, 500, 50000], each stage with its own early stopping (None: one stage, digit_pool)")
     digit_size: int = Field(14, ge=4, description="flying MNIST: side of the down-sampled digit")
     overlap: Literal["max", "clip_sum"] = Field("max", description="flying MNIST: ink where digits overlap")
+    sprites: Literal["binding", "outline"] = Field(
+        "binding", description="shapes: the authors' 2-pixel-thick Binding sprites (NEM_SPEC.md §4), or the "
+        "1-pixel outlines this project used before")
+    motion: Literal["unit", "continuous"] | None = Field(
+        None, description="flying data: whole-pixel velocities in {-1, 0, +1} per axis with exact "
+        "reflection (the authors'), or a continuous direction at 1-3 px per frame rounded down "
+        "(this project's before); None: unit for flying shapes and flying MNIST (NEM_SPEC.md §4; the "
+        "evidence for flying MNIST is in data/sequences.py)")
     seed: int = Field(0, ge=0)
 
     @model_validator(mode="after")
@@ -56,6 +64,9 @@ class DataConfig(Strict):
             raise ValueError("static_shapes has frames = 1")
         if self.image_size is None:
             self.image_size = 24 if self.name == "flying_mnist" else 28
+        if self.motion is None and not static:
+            # flying MNIST too: nothing says otherwise, and the authors' flying shapes move so
+            self.motion = "unit"
         if self.name == "flying_mnist" and self.digit_size > self.image_size:
             raise ValueError("digit_size must not exceed image_size")
         if self.curriculum is not None:

@@ -98,11 +98,88 @@ def test_first_n_do_not_depend_on_n_across_blocks():
 # Labels, frame, motion
 
 
-@pytest.mark.parametrize("s", [spec("static_shapes", train=40), spec("flying_shapes", objects=5, train=12)],
-                         ids=["static", "flying5"])
+def on_pixels(lay: data.Layout) -> np.ndarray:
+    """(N, K) on-pixels of each object's sprite."""
+    return np.array([np.count_nonzero(p) for p in lay.pool])[lay.ids]
+
+
+def extents(lay: data.Layout) -> np.ndarray:
+    """(N, K, 2) height / width of each object."""
+    return np.array([np.shape(p) for p in lay.pool], np.int64)[lay.ids]
+
+
+# The pictures of NEM_SPEC.md §4, copied literally ('#' = on).
+SPEC_SQUARE = """
+#######
+#######
+##...##
+##...##
+##...##
+#######
+#######
+"""
+SPEC_TRIANGLE_UP = """
+.....##.....
+....####....
+...######...
+..###..###..
+.###....###.
+############
+############
+"""
+
+
+def _ascii(a: np.ndarray) -> str:
+    return "\n" + "\n".join("".join("#" if v else "." for v in row) for row in a) + "\n"
+
+
+def test_binding_sprites_are_the_pictures_of_the_spec():
+    square, up, down = shapes.sprite_set("binding").sprites
+    assert _ascii(square) == SPEC_SQUARE and _ascii(up) == SPEC_TRIANGLE_UP
+    assert _ascii(down[::-1]) == SPEC_TRIANGLE_UP  # triangle down = triangle up flipped vertically
+    assert [s.shape for s in (square, up, down)] == [(7, 7), (7, 12), (7, 12)]
+    assert [int(s.sum()) for s in (square, up, down)] == [40, 48, 48]
+    assert shapes.SPRITES is shapes.sprite_set().sprites is shapes.sprite_set("binding").sprites  # default
+    assert all(not s.flags.writeable for s in shapes.SPRITES)
+    outline = shapes.sprite_set("outline").sprites
+    assert [int(s.sum()) for s in outline] == [24, 24, 24] and outline[0][1:-1, 1:-1].sum() == 0
+    assert shapes.MIN_FRAME == 12 and shapes.SPRITE_SIZE.tolist() == [[7, 7], [7, 12], [7, 12]]
+    with pytest.raises(ValueError, match="sprite set"):
+        shapes.sprite_set("thick")
+
+
+# sha256 of images + labels of the first 12 train sequences (seed 7), computed with the generator
+# before data.sprites / data.motion existed: "outline" + "continuous" must stay that data.
+BEFORE = {"static_shapes": "ce249846ff4d1a71d52edbbf979d82942e44305f38925d0e22c8a9af8df942a1",
+          "flying_shapes": "31edee7b7111e755bf4ec624c56f50ddaca6e81f0d268bfd3547b71bf5ddd6a8",
+          "flying_mnist": "096a95a72be61aa4f87ab7c7131abea86a2ed2b1a3778577e91fabf1bbe6fd53"}
+
+
+@pytest.mark.parametrize("name", ["static_shapes", "flying_shapes",
+                                  pytest.param("flying_mnist", marks=needs_mnist)])
+def test_outline_and_continuous_reproduce_the_earlier_data_byte_for_byte(name):
+    import hashlib
+
+    motion = {} if name == "static_shapes" else {"motion": "continuous"}
+    s = spec(name, seed=7, sprites="outline", **motion)
+    images, labels = data.generate(s, "train", n=12, mnist=NPZ if name == "flying_mnist" else None)
+    assert hashlib.sha256(images.tobytes() + labels.tobytes()).hexdigest() == BEFORE[name]
+
+
+def test_defaults_are_binding_sprites_and_unit_motion():
+    assert spec("flying_shapes").sprites == "binding" and spec("flying_shapes").motion == "unit"
+    assert spec("flying_mnist").motion == "unit" and spec("static_shapes").motion is None
+    images, _ = data.generate(spec("flying_shapes", objects=1, train=30), "train")
+    assert set(np.unique(images.sum(axis=(-1, -2)))) <= {40, 48}
+
+
+@pytest.mark.parametrize("s", [spec("static_shapes", train=40), spec("flying_shapes", objects=5, train=12),
+                               spec("flying_shapes", objects=5, train=12, sprites="outline", motion="continuous")],
+                         ids=["static", "flying5", "flying5-outline-continuous"])
 def test_shapes_match_an_independent_render(s):
     images, labels = data.generate(s, "train")
     lay = data.layout(s, "train")
+    assert lay.pool is shapes.sprite_set(s.sprites).sprites
     ref_img, ref_lab, masks = reference(s, lay)
     assert np.array_equal(images, ref_img)
     assert np.array_equal(labels, ref_lab)
@@ -111,24 +188,32 @@ def test_shapes_match_an_independent_render(s):
     assert np.array_equal(images == 1, labels != data.BACKGROUND)
     assert np.array_equal(labels == data.OVERLAP, masks.sum(2) >= 2)
     assert (labels == data.OVERLAP).any() and set(np.unique(labels)) <= {0, *range(1, s.objects + 1), 255}
-    # every object keeps its full sprite (24 px) in every frame: never clipped by the border
-    assert (masks.sum(axis=(-1, -2)) == 24).all()
+    # every object keeps its full sprite (40 / 48 px, outline 24) in every frame: never clipped
+    assert (masks.sum(axis=(-1, -2)) == on_pixels(lay)[:, None]).all()
 
 
-def test_single_object_never_clipped_and_moving():
-    s = spec("flying_shapes", objects=1, train=64)
+@pytest.mark.parametrize("motion", ["unit", "continuous"])
+def test_single_object_never_clipped_and_moving(motion):
+    s = spec("flying_shapes", objects=1, train=64, motion=motion)
     images, labels = data.generate(s, "train")
-    assert (images.sum(axis=(-1, -2)) == 24).all()  # no pixel lost at a wall, any frame
-    assert np.array_equal(labels, images)  # one object: label 1 exactly where on
-    moved = (images[:, 1:] != images[:, :-1]).any(axis=(-1, -2))
-    assert moved.mean() > 0.9 and moved.any(axis=1).all()  # every sequence moves
-
-
-def test_motion_bounces_inside_the_frame():
-    s = spec("flying_shapes", train=200)
     lay = data.layout(s, "train")
-    extent = shapes.SPRITE_SIZE[lay.ids]  # (N, K, 2)
-    room = s.image_size - extent[:, None]  # largest valid corner
+    assert (images.sum(axis=(-1, -2)) == on_pixels(lay)).all()  # (N, T) == (N, 1): no pixel lost at a wall
+    assert np.array_equal(labels, images)  # one object: label 1 exactly where on
+    moved = (images[:, 1:] != images[:, :-1]).any(axis=(-1, -2))  # (N, T - 1)
+    if motion == "continuous":
+        assert moved.mean() > 0.9 and moved.any(axis=1).all()  # every sequence moves
+    else:  # an object moves in every frame unless its velocity is (0, 0): then never
+        pos = np.stack([lay.top[:, :, 0], lay.left[:, :, 0]], -1)
+        still = (pos == pos[:, :1]).all(axis=(1, 2))
+        assert np.array_equal(moved, np.broadcast_to(~still[:, None], moved.shape))
+        assert 0 < still.sum() < 64 // 3
+
+
+@pytest.mark.parametrize("motion", ["unit", "continuous"])
+def test_motion_bounces_inside_the_frame(motion):
+    s = spec("flying_shapes", train=200, motion=motion)
+    lay = data.layout(s, "train")
+    room = s.image_size - extents(lay)[:, None]  # (N, 1, K, 2) largest valid corner
     pos = np.stack([lay.top, lay.left], -1)
     assert (pos >= 0).all() and (pos <= room).all()
     assert (pos == 0).any() and (pos == room).any()  # walls are reached
@@ -136,9 +221,88 @@ def test_motion_bounces_inside_the_frame():
     reversed_ = (step[:, :-1] * step[:, 1:] < 0).any(axis=(1, 3))
     assert reversed_.mean() > 0.5  # most sequences have an object that bounced
     speed = np.abs(step).max(-1)
-    assert speed.max() <= 3  # |v| <= 3 px / frame (plus a reflection never adds distance)
+    # |v| <= 3 px / frame, or 1 px per axis (a reflection never adds distance)
+    assert speed.max() == (1 if motion == "unit" else 3)
     images, _ = data.generate(s, "train")
-    assert (images[:, 1:] != images[:, :-1]).any(axis=(-1, -2)).all()  # frames differ
+    changed = (images[:, 1:] != images[:, :-1]).any(axis=(-1, -2))
+    assert np.array_equal(changed, (step != 0).any(axis=(2, 3)))  # frames differ <=> something moved
+
+
+def _unit_motion_checks(pos: np.ndarray, hi: np.ndarray) -> None:
+    """pos: (N, T, K, 2) corners, hi: (N, 1, K, 2) largest valid corner, under unit motion."""
+    assert (pos >= 0).all() and (pos <= hi).all()  # always inside the frame
+    step = np.diff(pos, axis=1)  # (N, T - 1, K, 2)
+    assert np.abs(step).max() == 1  # whole pixels, at most 1 px per axis and frame
+    # constant velocity except at a bounce, and a bounce reflects exactly at the wall
+    at_wall = ((pos == 0) | (pos == hi))[:, 1:-1]
+    same = step[:, 1:] == step[:, :-1]
+    assert (same | at_wall).all()
+    bounce = ~same
+    assert (step[:, 1:][bounce] == -step[:, :-1][bounce]).all()
+    assert (np.abs(step[:, 1:]) == np.abs(step[:, :-1])).all()  # speed per axis never changes
+    assert (step[:, :, :][np.broadcast_to(hi == 0, step.shape)] == 0).all()  # room 1: no movement
+    # a constant-velocity predictor is right on every step that does not start at a wall
+    predicted = 2 * pos[:, 1:-1] - pos[:, :-2]
+    assert (predicted == pos[:, 2:])[~at_wall].all()
+
+
+def test_unit_motion_is_whole_pixel_predictable_and_reflects_exactly():
+    s = spec("flying_shapes", train=500)
+    lay = data.layout(s, "train")
+    pos = np.stack([lay.top, lay.left], -1)  # (N, T, K, 2)
+    hi = s.image_size - extents(lay)[:, None]
+    _unit_motion_checks(pos, hi)
+    step = np.diff(pos, axis=1)
+    # velocity per axis uniform on {-1, 0, +1}: its speed is |first step|, its sign the first
+    # step's away from the walls
+    speed = np.abs(step[:, 0])
+    assert abs((speed == 0).mean() - 1 / 3) < 0.03
+    inner = (pos[:, 0] > 0) & (pos[:, 0] < hi[:, 0])
+    v = step[:, 0][inner]
+    assert {-1, 0, 1} == set(np.unique(v).tolist())
+    assert abs((v == 1).mean() - (v == -1).mean()) < 0.04
+    still = (speed == 0).all(axis=-1)  # objects standing still (about 1 in 9)
+    assert abs(still.mean() - 1 / 9) < 0.03
+    # start positions: uniform integers over every valid corner
+    start = pos[:, 0]
+    assert (start == 0).any() and (start == hi[:, 0]).any()
+    assert abs((start / hi[:, 0]).mean() - 0.5) < 0.03
+
+
+def test_fold_int_is_an_integer_triangle_wave():
+    from nem_study.data.sequences import fold_int
+
+    t = np.arange(9)
+    assert fold_int(2 + t, np.int64(3)).tolist() == [2, 3, 2, 1, 0, 1, 2, 3, 2]
+    assert fold_int(1 - t, np.int64(3)).tolist() == [1, 0, 1, 2, 3, 2, 1, 0, 1]
+    assert fold_int(0 + t, np.int64(1)).tolist() == [0, 1, 0, 1, 0, 1, 0, 1, 0]
+    assert fold_int(0 - t, np.int64(0)).tolist() == [0] * 9  # room 1: no movement possible
+    assert fold_int(t, np.int64(5)).dtype == np.int64
+
+
+def test_unit_motion_in_a_frame_with_room_for_one_position():
+    """image_size 12: the 12-wide triangles fit in exactly one column."""
+    s = spec("flying_shapes", image_size=12, train=100)
+    images, _ = data.generate(s, "train")
+    lay = data.layout(s, "train")
+    assert (images.sum(axis=(-1, -2)) <= on_pixels(lay).sum(-1)[:, None]).all()
+    ref_img, _, masks = reference(s, lay)  # asserts that no object leaves the frame
+    assert np.array_equal(images, ref_img) and (masks.sum(axis=(-1, -2)) == on_pixels(lay)[:, None]).all()
+    pos = np.stack([lay.top, lay.left], -1)
+    hi = s.image_size - extents(lay)[:, None]
+    assert (hi == 0).any()
+    _unit_motion_checks(pos, hi)
+    assert (lay.left[np.broadcast_to(lay.ids[:, None] > 0, lay.left.shape)] == 0).all()
+
+
+@needs_mnist
+def test_flying_mnist_moves_by_unit_steps(mnist):
+    s = spec("flying_mnist", train=200, digit_pool=20)
+    lay = data.layout(s, "train", mnist=mnist)
+    pos = np.stack([lay.top, lay.left], -1)
+    _unit_motion_checks(pos, np.full((200, 1, 2, 2), s.image_size - s.digit_size))
+    cont = data.layout(spec("flying_mnist", train=200, digit_pool=20, motion="continuous"), "train", mnist=mnist)
+    assert np.abs(np.diff(cont.top, axis=1)).max() > 1  # the other motion is still there
 
 
 def test_static_shapes_three_shapes_one_frame():
@@ -151,7 +315,7 @@ def test_static_shapes_three_shapes_one_frame():
     visible = [set(np.unique(lab)) - {0, 255} for lab in labels]
     assert sum(v == {1, 2, 3} for v in visible) > 250  # nearly always all three visible
     # positions cover the full range of corners (uniform over the frame)
-    room = s.image_size - shapes.SPRITE_SIZE[lay.ids][..., 0]
+    room = s.image_size - extents(lay)[..., 0]
     assert (lay.top[:, 0] == 0).any() and (lay.top[:, 0] == room).any()
 
 

@@ -1,18 +1,33 @@
 """Motion and frame compositing for the flying data sets (NEM_SPEC.md §4).
 
-Motion: each object starts at a uniformly random integer position that keeps it fully inside
-the frame and moves along a straight line with a random direction (uniform on the circle) and
-a random speed, uniform in :data:`SPEED_RANGE` pixels per frame. It bounces elastically off the
-walls. The trajectory is computed in closed form for all sequences, frames and objects at once:
-the continuous coordinate ``c`` of the top-left corner lives in ``[0, room]`` with
-``room = size - extent + 1``; the unbounded straight line is folded into that interval by a
-triangle wave (which *is* reflection at the walls), and the pixel position is
-``min(floor(c), room - 1)``, so the object is never clipped.
+Motion (``DataConfig.motion``); every object starts at a uniformly random integer position that
+keeps it fully inside the frame, and bounces off the walls. The corner of an object of extent
+``e`` lives in ``[0, room - 1]`` with ``room = size - e + 1`` per axis, so it is never clipped.
 
-Everything uses only IEEE-exact operations (+, *, floor, sqrt; no sin/cos), so the same seed
-gives byte-identical data on every machine. The direction is drawn by rejection sampling from
-the square (8 candidates per object; if all 8 are rejected, which happens about once in 40,000
-objects, the first candidate is normalised).
+* ``"unit"`` (default, the authors' flying shapes): a whole-pixel velocity in {-1, 0, +1} per
+  axis, drawn uniformly and independently per axis (so about 1 object in 9 stands still), with
+  exact reflection: the sprite touches the wall and comes back (... room-2, room-1, room-2 ...).
+  Every step is then predictable from the previous two positions except at a bounce. Closed
+  form in integers: a triangle wave of period ``2 (room - 1)`` (:func:`fold_int`).
+* ``"continuous"`` (this project's earlier data): a random direction (uniform on the circle)
+  and a speed uniform in :data:`SPEED_RANGE` pixels per frame; the continuous corner ``c`` lives
+  in ``[0, room]``, the straight line is folded into it by a real triangle wave (:func:`fold`)
+  and the pixel position is ``min(floor(c), room - 1)``. The direction is drawn by rejection
+  sampling from the square (8 candidates per object; if all 8 are rejected, which happens about
+  once in 40,000 objects, the first candidate is normalised).
+
+Both use only IEEE-exact operations (integers; +, *, floor, sqrt; no sin/cos), so the same seed
+gives byte-identical data on every machine. Trajectories are computed for all sequences, frames
+and objects at once.
+
+Flying MNIST uses ``"unit"`` too (``DataConfig`` resolves ``motion=None`` to it for every
+flying data set). There is no flying-MNIST-specific evidence on the digits' velocities: the
+paper says only that they start at random positions and move along random (bouncing)
+trajectories (NEM_SPEC.md §4), and the authors' code (sjoerdvansteenkiste/Neural-EM) only reads
+their pre-made ``flying_mnist_{medium20,medium500,hard}_2digits.h5`` files (``datasets.py``;
+README.md, nem.py, utils.py say nothing of motion). Their one published sequence (flying shapes,
+the README figure) moves objects by whole pixels, at most 1 px per frame, so the same motion for
+both flying data sets is the consistent choice; ``motion=continuous`` keeps the other one.
 
 Compositing: binary shapes are the OR of the sprites (see :func:`shapes.render_sprites`), grey
 digits the max of the intensities (``overlap="max"``) or their sum clipped at 255
@@ -26,7 +41,7 @@ import numpy as np
 
 from nem_study.data.shapes import BACKGROUND, OVERLAP
 
-#: speed of every object, uniform in this range (pixels per frame)
+#: "continuous" motion: speed of every object, uniform in this range (pixels per frame)
 SPEED_RANGE = (1.0, 3.0)
 #: a digit covers a pixel where its uint8 ink is >= this
 INK_THRESHOLD = 1
@@ -49,14 +64,46 @@ def fold(c: np.ndarray, room: np.ndarray) -> np.ndarray:
     return room - np.abs(np.mod(c, 2.0 * room) - room)
 
 
-def draw_motion(rng: np.random.Generator, extent: np.ndarray, frames: int, size: int
-                ) -> tuple[np.ndarray, np.ndarray]:
-    """Bouncing straight-line trajectories.
+def fold_int(p: np.ndarray, hi: np.ndarray) -> np.ndarray:
+    """Reflect the unbounded integer coordinate ``p`` into ``[0, hi]`` (an integer triangle wave
+    of period ``2 hi``; ``hi == 0`` gives 0: no movement possible on that axis)."""
+    period = np.maximum(2 * hi, 1)
+    return hi - np.abs(np.mod(p, period) - hi)  # np.mod of ints by a positive divisor is >= 0
+
+
+MOTIONS = ("unit", "continuous")
+
+
+def draw_motion(rng: np.random.Generator, extent: np.ndarray, frames: int, size: int,
+                motion: str = "unit") -> tuple[np.ndarray, np.ndarray]:
+    """Bouncing straight-line trajectories (``motion``: one of :data:`MOTIONS`).
 
     extent: (B, K, 2) object height/width. Returns the top-left corners ``top, left`` as int64
     arrays of shape (B, frames, K); the object always lies fully inside the frame.
-    Draw order (fixed): start positions, directions, speeds.
+    Draw order (fixed): start positions, then velocities ("unit": one integer draw; "continuous":
+    directions, then speeds).
     """
+    if motion == "unit":
+        return _unit_motion(rng, extent, frames, size)
+    if motion == "continuous":
+        return _continuous_motion(rng, extent, frames, size)
+    raise ValueError(f"motion must be one of {', '.join(MOTIONS)}, got {motion!r}")
+
+
+def _unit_motion(rng: np.random.Generator, extent: np.ndarray, frames: int, size: int
+                 ) -> tuple[np.ndarray, np.ndarray]:
+    b, k, _ = extent.shape
+    room = (size - extent + 1).astype(np.int64)  # (B, K, 2) valid corners per axis
+    # floor(u * room) as in draw_static: uniform integers in [0, room - 1], IEEE-exact
+    start = np.minimum(np.floor(rng.random((b, k, 2)) * room).astype(np.int64), room - 1)
+    velocity = rng.integers(-1, 2, size=(b, k, 2))  # {-1, 0, +1} per axis
+    t = np.arange(frames, dtype=np.int64)[None, :, None, None]
+    pos = fold_int(start[:, None] + velocity[:, None] * t, room[:, None] - 1)  # (B, T, K, 2)
+    return pos[..., 0], pos[..., 1]
+
+
+def _continuous_motion(rng: np.random.Generator, extent: np.ndarray, frames: int, size: int
+                       ) -> tuple[np.ndarray, np.ndarray]:
     b, k, _ = extent.shape
     room = (size - extent + 1).astype(np.float64)  # (B, K, 2)
     start = rng.random((b, k, 2)) * room

@@ -1,9 +1,16 @@
 """Binary shape sprites and the static shapes data set (NEM_SPEC.md §4).
 
-The sprites follow the shapes data of the earlier binding / Tagger work: outline shapes, a
-7x7 square and two 7x12 triangles (apex up, apex down). All three have 24 "on" pixels. Each
-sprite is stored as a boolean array; :data:`SPRITES` is indexed by the sprite type drawn per
-object (0 square, 1 triangle up, 2 triangle down).
+Two sprite sets (``DataConfig.sprites``), each a 7x7 square and two 7x12 triangles (apex up,
+apex down = apex up flipped vertically), indexed by the sprite type drawn per object (0 square,
+1 triangle up, 2 triangle down):
+
+* ``"binding"`` (default): the 2-pixel-thick shapes of the Binding-via-Reconstruction-Clustering
+  shapes data that the paper cites, as drawn in NEM_SPEC.md §4 and in the authors' README
+  figure: a square with a 3x3 hole (40 on-pixels) and triangles of 48 on-pixels;
+* ``"outline"``: the 1-pixel outlines this project used before (24 on-pixels each).
+
+:func:`sprite_set` returns a set's arrays; the module-level :data:`SPRITES`, :data:`SPRITE_SIZE`,
+:data:`SPRITE_OFFSETS` are those of the default set, :data:`MIN_FRAME` the largest extent of any.
 
 Rendering is vectorised: every object's on-pixels become flat indices into the output block,
 and the label map is updated with one gather and one scatter per object (no per-image loop).
@@ -11,19 +18,51 @@ and the label map is updated with one gather and one scatter per object (no per-
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from functools import cache
+
 import numpy as np
 
 BACKGROUND = 0
 OVERLAP = 255
 
+SPRITE_NAMES = ("square", "triangle_up", "triangle_down")
+SPRITE_SETS = ("binding", "outline")
+DEFAULT_SET = "binding"
 
-def _square(n: int = 7) -> np.ndarray:
+# The pictures of NEM_SPEC.md §4, '#' = on.
+_BINDING_SQUARE = """
+#######
+#######
+##...##
+##...##
+##...##
+#######
+#######
+"""
+_BINDING_TRIANGLE_UP = """
+.....##.....
+....####....
+...######...
+..###..###..
+.###....###.
+############
+############
+"""
+
+
+def _picture(text: str) -> np.ndarray:
+    rows = text.strip().splitlines()
+    return np.array([[c == "#" for c in r] for r in rows], bool)
+
+
+def _outline_square(n: int = 7) -> np.ndarray:
     s = np.zeros((n, n), bool)
     s[0, :] = s[-1, :] = s[:, 0] = s[:, -1] = True
     return s
 
 
-def _triangle_up(h: int = 7, w: int = 12) -> np.ndarray:
+def _outline_triangle_up(h: int = 7, w: int = 12) -> np.ndarray:
     """Outline triangle, apex (2 px wide) on top, full base at the bottom: h rows, w columns."""
     t = np.zeros((h, w), bool)
     mid = w // 2
@@ -33,46 +72,70 @@ def _triangle_up(h: int = 7, w: int = 12) -> np.ndarray:
     return t
 
 
-SPRITE_NAMES = ("square", "triangle_up", "triangle_down")
-SPRITES: tuple[np.ndarray, ...] = (_square(), _triangle_up(), _triangle_up()[::-1].copy())
-for _s in SPRITES:
-    _s.setflags(write=False)
+@dataclass(frozen=True)
+class SpriteSet:
+    """One sprite set: the sprites (read-only bool arrays), ``size`` (n, 2) their (height, width),
+    ``offsets`` (n, P, 2) the row/column offsets of their on-pixels, padded by repeating the first
+    pixel (a repeated pixel is written twice with the same value, which is harmless)."""
 
-#: (height, width) of each sprite
-SPRITE_SIZE = np.array([s.shape for s in SPRITES], dtype=np.int64)
-#: largest sprite extent, the smallest frame that can hold every sprite
-MIN_FRAME = int(SPRITE_SIZE.max())
+    name: str
+    sprites: tuple[np.ndarray, ...]
+    size: np.ndarray
+    offsets: np.ndarray
 
 
-def _offsets() -> np.ndarray:
-    """(n_sprites, P, 2) row/column offsets of the on-pixels, padded by repeating the first pixel
-    (a repeated pixel is written twice with the same value, which is harmless)."""
-    pts = [np.argwhere(s) for s in SPRITES]
+def sprite_set(name: str = DEFAULT_SET) -> SpriteSet:
+    """The sprite set ``name`` (one of :data:`SPRITE_SETS`), built once per process."""
+    return _build(name)
+
+
+@cache
+def _build(name: str) -> SpriteSet:
+    if name == "binding":
+        square, up = _picture(_BINDING_SQUARE), _picture(_BINDING_TRIANGLE_UP)
+    elif name == "outline":
+        square, up = _outline_square(), _outline_triangle_up()
+    else:
+        raise ValueError(f"sprite set must be one of {', '.join(SPRITE_SETS)}, got {name!r}")
+    sprites = (square, up, up[::-1].copy())
+    for s in sprites:
+        s.setflags(write=False)
+    pts = [np.argwhere(s) for s in sprites]
     p = max(len(q) for q in pts)
-    out = np.empty((len(pts), p, 2), np.int64)
+    offsets = np.empty((len(pts), p, 2), np.int64)
     for i, q in enumerate(pts):
-        out[i, : len(q)] = q
-        out[i, len(q):] = q[0]
-    return out
+        offsets[i, : len(q)] = q
+        offsets[i, len(q):] = q[0]
+    size = np.array([s.shape for s in sprites], dtype=np.int64)
+    for a in (size, offsets):
+        a.setflags(write=False)
+    return SpriteSet(name, sprites, size, offsets)
 
 
-SPRITE_OFFSETS = _offsets()
+SPRITES = sprite_set().sprites
+#: (height, width) of each sprite of the default set
+SPRITE_SIZE = sprite_set().size
+SPRITE_OFFSETS = sprite_set().offsets
+#: largest sprite extent of any set, the smallest frame that can hold every sprite
+MIN_FRAME = max(int(sprite_set(n).size.max()) for n in SPRITE_SETS)
 
 
-def render_sprites(types: np.ndarray, top: np.ndarray, left: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
-    """Draw sprites into binary frames and label maps.
+def render_sprites(types: np.ndarray, top: np.ndarray, left: np.ndarray, size: int,
+                   sprites: str = DEFAULT_SET) -> tuple[np.ndarray, np.ndarray]:
+    """Draw sprites of the set ``sprites`` into binary frames and label maps.
 
     types: (B, K) sprite type per object; top, left: (B, T, K) top-left corner per frame (the
     caller guarantees the sprite lies fully inside the ``size`` x ``size`` frame).
     Returns images (B, T, size, size) uint8 in {0, 1} (OR of the sprites) and labels of the same
     shape: 0 background, k + 1 where only object k is on, :data:`OVERLAP` where two or more are.
     """
+    offsets = sprite_set(sprites).offsets
     b, t, k = top.shape
     labels = np.zeros((b, t, size, size), np.uint8)
     flat = labels.reshape(-1)
     frame = (np.arange(b * t, dtype=np.int64) * (size * size)).reshape(b, t, 1)
     for obj in range(k):
-        off = SPRITE_OFFSETS[types[:, obj]]  # (B, P, 2)
+        off = offsets[types[:, obj]]  # (B, P, 2)
         rows = top[:, :, obj, None] + off[:, None, :, 0]  # (B, T, P)
         cols = left[:, :, obj, None] + off[:, None, :, 1]
         idx = (frame + rows * size + cols).reshape(-1)
@@ -83,14 +146,16 @@ def render_sprites(types: np.ndarray, top: np.ndarray, left: np.ndarray, size: i
     return images, labels
 
 
-def draw_static(rng: np.random.Generator, count: int, objects: int, size: int
-                ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def draw_static(rng: np.random.Generator, count: int, objects: int, size: int,
+                sprites: str = DEFAULT_SET) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Random static layout: sprite types uniform over the three sprites, top-left corners
     uniform over all integer positions that keep the sprite fully inside the frame (overlaps
-    allowed). Draw order is fixed (types, then positions) so a block's layout is reproducible.
+    allowed). Draw order is fixed (types, then positions) so a block's layout is reproducible;
+    it is the same for every sprite set (the set only changes the extents).
     Returns types (count, K) and top, left (count, 1, K)."""
-    types = rng.integers(0, len(SPRITES), size=(count, objects))
+    ss = sprite_set(sprites)
+    types = rng.integers(0, len(ss.sprites), size=(count, objects))
     u = rng.random((count, objects, 2))
-    room = size - SPRITE_SIZE[types] + 1  # (count, K, 2) number of valid corners per axis
+    room = size - ss.size[types] + 1  # (count, K, 2) number of valid corners per axis
     corner = np.minimum(np.floor(u * room).astype(np.int64), room - 1)
     return types, corner[:, None, :, 0], corner[:, None, :, 1]

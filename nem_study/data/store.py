@@ -43,7 +43,7 @@ from nem_study.data.synth import SPLITS, check, count, iter_blocks
 from nem_study.data.mnist import load_mnist
 
 #: bump when the file layout OR the generator's output changes: old caches are then ignored
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: Binding sprites and unit motion by default (data.sprites, data.motion)
 MANIFEST = "manifest.json"
 ENV_VAR = "NEM_DATA_DIR"
 

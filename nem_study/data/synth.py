@@ -10,6 +10,10 @@ draws a full block (extra rows are dropped), so
   equals ``generate(spec, s)[:10]``), and blocks can be rendered one at a time with bounded
   memory (which is how :mod:`store` writes 50,000 x 21 frames).
 
+What is drawn (NEM_SPEC.md §4): the sprites ``spec.sprites`` (:mod:`shapes`; 2-pixel-thick
+Binding shapes by default) and the motion ``spec.motion`` (:mod:`sequences`; whole-pixel
+velocities in {-1, 0, +1} with exact reflection by default, for flying shapes and flying MNIST).
+
 Changing anything here changes the data: bump ``store.FORMAT_VERSION`` with it.
 """
 
@@ -35,8 +39,9 @@ MnistArg = Mnist | str | os.PathLike | None
 class Layout:
     """What was drawn: enough to re-render the data independently (tests, plots).
 
-    ids: (N, K) sprite type (index into ``pool`` = :data:`shapes.SPRITES`) or digit index into
-    ``pool`` = the split's down-sampled digit pool (P, S, S). top, left: (N, T, K) corners.
+    ids: (N, K) sprite type, an index into ``pool`` = ``shapes.sprite_set(spec.sprites).sprites``,
+    or digit index into ``pool`` = the split's down-sampled digit pool (P, S, S).
+    top, left: (N, T, K) corners.
     """
 
     ids: np.ndarray
@@ -48,9 +53,11 @@ class Layout:
 def check(spec: DataConfig, split: str) -> None:
     if split not in SPLITS:
         raise InputError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
-    if spec.name != "flying_mnist" and spec.image_size < shapes.MIN_FRAME:
-        raise InputError(f"data.image_size = {spec.image_size} is too small for the shape sprites "
-                         f"(up to {shapes.MIN_FRAME} px wide); use at least {shapes.MIN_FRAME}")
+    if spec.name != "flying_mnist":
+        need = int(shapes.sprite_set(spec.sprites).size.max())
+        if spec.image_size < need:
+            raise InputError(f"data.image_size = {spec.image_size} is too small for the shape sprites "
+                             f"(up to {need} px wide); use at least {need}")
 
 
 def count(spec: DataConfig, split: str) -> int:
@@ -63,7 +70,7 @@ def _rng(spec: DataConfig, split: str, block: int) -> np.random.Generator:
 
 def _pool(spec: DataConfig, split: str, mnist: MnistArg):
     if spec.name != "flying_mnist":
-        return shapes.SPRITES
+        return shapes.sprite_set(spec.sprites).sprites
     if not isinstance(mnist, Mnist):
         mnist = load_mnist(mnist)
     return mnist.pool(spec, split)
@@ -73,14 +80,15 @@ def _draw_block(spec: DataConfig, split: str, block: int, pool_size: int):
     rng = _rng(spec, split, block)
     k, size = spec.objects, spec.image_size
     if spec.is_static:
-        return shapes.draw_static(rng, BLOCK, k, size)
+        return shapes.draw_static(rng, BLOCK, k, size, spec.sprites)
     if spec.name == "flying_shapes":
-        ids = rng.integers(0, len(shapes.SPRITES), size=(BLOCK, k))
-        extent = shapes.SPRITE_SIZE[ids]
+        sprites = shapes.sprite_set(spec.sprites)
+        ids = rng.integers(0, len(sprites.sprites), size=(BLOCK, k))
+        extent = sprites.size[ids]
     else:
         ids = rng.integers(0, pool_size, size=(BLOCK, k))
         extent = np.full((BLOCK, k, 2), spec.digit_size, np.int64)
-    top, left = sequences.draw_motion(rng, extent, spec.frames, size)
+    top, left = sequences.draw_motion(rng, extent, spec.frames, size, spec.motion)
     return ids, top, left
 
 
@@ -98,7 +106,7 @@ def _blocks(spec: DataConfig, split: str, n: int | None, pool) -> Iterator[tuple
 def _render(spec: DataConfig, pool, ids, top, left) -> tuple[np.ndarray, np.ndarray]:
     if spec.name == "flying_mnist":
         return sequences.render_digits(pool[ids], top, left, spec.image_size, spec.overlap)
-    return shapes.render_sprites(ids, top, left, spec.image_size)
+    return shapes.render_sprites(ids, top, left, spec.image_size, spec.sprites)
 
 
 def iter_blocks(spec: DataConfig, split: str, n: int | None = None, mnist: MnistArg = None
