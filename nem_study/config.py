@@ -111,6 +111,17 @@ class ModelConfig(Strict):
     loss_step_weights: Literal["all", "last"] | None = None
     w_inter: float | None = Field(None, ge=0.0, description="weight of the inter-cluster loss")
     em_steps: int | None = Field(None, ge=1, description="EM iterations on static data")
+    init: Literal["tf", "torch"] = Field(
+        "tf", description="weights as the authors' TF 1 code: glorot-uniform, zero biases, one glorot range "
+        "over the RNN's joined [input, h] matrix, N-EM's step size uniform in (-sqrt 3, sqrt 3) "
+        "(NEM_SPEC.md §3); torch: PyTorch's layer defaults and a step size of 1")
+    layer_norm_affine: Literal["channel", "element"] = Field(
+        "channel", description="LayerNorm after a conv: one gain and bias per channel (TF slim's layer_norm), "
+        "or one per element (C, H, W)")
+    layer_norm_eps: float = Field(1e-12, gt=0, description="LayerNorm epsilon (TF slim: 1e-12; PyTorch: 1e-5)")
+    input_std_floor: bool = Field(
+        False, description="flying MNIST: floor the per-image std at 1/sqrt(D) as tf.image."
+        "per_image_standardization does; the authors' code divides by the std with no floor")
 
 
 class TrainConfig(Strict):

@@ -11,6 +11,10 @@ An image x is a mixture of K components. Each component k keeps a representation
 All section numbers refer to ``NEM_SPEC.md``. The K components share weights, so K is folded
 into the batch: every network sees ``B * K`` images. Shapes below use B batch, K components,
 C channels (1), H x W pixels, D = C * H * W, Z the recurrent size.
+
+Initialisation and normalisation follow the authors' TF 1 code by default (§3: ``init: tf``,
+``layer_norm_affine: channel``, ``layer_norm_eps: 1e-12``, no input std floor; see ``tf_init_``);
+PyTorch's layer defaults remain selectable and give the weights this module gave before.
 """
 
 from __future__ import annotations
@@ -31,20 +35,47 @@ EPS = 1e-6  # clip for Bernoulli means (NEM_SPEC.md §2)
 # Networks (NEM_SPEC.md §3): linear/conv -> LayerNorm over all non-batch dims -> activation
 
 
-def fc(n_in: int, n_out: int, act: type[nn.Module] | None, layer_norm: bool = True) -> nn.Sequential:
+class ChannelLayerNorm(nn.Module):
+    """LayerNorm over (C, H, W) with one gain and one bias per channel (NEM_SPEC.md §3).
+
+    TF slim's ``layer_norm`` on an NHWC tensor: moments over every non-batch dim, the learned
+    affine on the last (channel) axis only. ``nn.LayerNorm((C, H, W))`` would learn one per element.
+    """
+
+    def __init__(self, channels: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(channels))           # (C,)
+        self.bias = nn.Parameter(torch.zeros(channels))            # (C,)
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = F.layer_norm(x, x.shape[1:], eps=self.eps)             # (N, C, H, W), no affine
+        return y * self.weight.view(-1, 1, 1) + self.bias.view(-1, 1, 1)
+
+
+def layer_norm(cfg: ModelConfig, shape: tuple[int, ...]) -> nn.Module:
+    """LayerNorm over a layer's output ``shape`` (§3): (features,) after an fc, one gain per
+    feature; (C, H, W) after a conv, one gain per channel or per element (``layer_norm_affine``)."""
+    if len(shape) == 3 and cfg.layer_norm_affine == "channel":
+        return ChannelLayerNorm(shape[0], cfg.layer_norm_eps)
+    return nn.LayerNorm(shape, eps=cfg.layer_norm_eps)
+
+
+def fc(cfg: ModelConfig, n_in: int, n_out: int, act: type[nn.Module] | None, ln: bool = True) -> nn.Sequential:
     layers: list[nn.Module] = [nn.Linear(n_in, n_out)]
-    if layer_norm:
-        layers.append(nn.LayerNorm((n_out,)))
+    if ln:
+        layers.append(layer_norm(cfg, (n_out,)))
     if act is not None:
         layers.append(act())
     return nn.Sequential(*layers)
 
 
-def conv(c_in: int, c_out: int, size: int, act: type[nn.Module] | None, layer_norm: bool = True) -> nn.Sequential:
+def conv(cfg: ModelConfig, c_in: int, c_out: int, size: int, act: type[nn.Module] | None,
+         ln: bool = True) -> nn.Sequential:
     """conv 4x4 stride 2 with SAME padding: size -> size / 2."""
     layers: list[nn.Module] = [nn.Conv2d(c_in, c_out, 4, stride=2, padding=1)]
-    if layer_norm:
-        layers.append(nn.LayerNorm((c_out, size // 2, size // 2)))
+    if ln:
+        layers.append(layer_norm(cfg, (c_out, size // 2, size // 2)))
     if act is not None:
         layers.append(act())
     return nn.Sequential(*layers)
@@ -84,24 +115,37 @@ class UpConv(nn.Module):
         return F.pixel_shuffle(y, 2)                                # (B, O, 2H, 2W)
 
 
-def up_conv(c_in: int, c_out: int, size: int, act: type[nn.Module] | None, layer_norm: bool = True) -> nn.Sequential:
+def up_conv(cfg: ModelConfig, c_in: int, c_out: int, size: int, act: type[nn.Module] | None,
+            ln: bool = True) -> nn.Sequential:
     """up-conv: size -> 2 size (see UpConv)."""
     layers: list[nn.Module] = [UpConv(c_in, c_out)]
-    if layer_norm:
-        layers.append(nn.LayerNorm((c_out, 2 * size, 2 * size)))
+    if ln:
+        layers.append(layer_norm(cfg, (c_out, 2 * size, 2 * size)))
     if act is not None:
         layers.append(act())
     return nn.Sequential(*layers)
 
 
 class PerImageStandardize(nn.Module):
-    """(x - mean) / max(std, 1/sqrt(D)) per image, as TF's per_image_standardization (§3)."""
+    """(x - mean) / std per image (NEM_SPEC.md §3), flying MNIST's input normalisation.
+
+    ``floor=False``: no floor on std, as the authors' InputNormalizationWrapper (tf.nn.moments).
+    ``floor=True``: std floored at 1/sqrt(D), as tf.image.per_image_standardization.
+    """
+
+    def __init__(self, floor: bool):
+        super().__init__()
+        self.floor = floor
 
     def forward(self, x: Tensor) -> Tensor:
-        flat = x.flatten(1)
-        mean = flat.mean(1, keepdim=True)
-        std = flat.std(1, unbiased=False, keepdim=True).clamp_min(1.0 / math.sqrt(flat.shape[1]))
-        return ((flat - mean) / std).view_as(x)
+        flat = x.flatten(1)                                        # (N, D)
+        centred = flat - flat.mean(1, keepdim=True)                # (N, D)
+        std = centred.square().mean(1, keepdim=True).sqrt()        # (N, 1)
+        # Without the floor, clamp at the smallest normal float: a no-op for every std > 0 (the
+        # square root of the smallest positive variance is ~1e-23 in fp32), but an all-equal
+        # image (centred = 0, std = 0) gives 0 where the authors' 0 / 0 gave NaN.
+        floor = 1.0 / math.sqrt(flat.shape[1]) if self.floor else torch.finfo(std.dtype).tiny
+        return (centred / std.clamp_min(floor)).view_as(x)
 
 
 def make_networks(cfg: ModelConfig, image_size: int) -> tuple[nn.Module, int, nn.Module]:
@@ -112,25 +156,44 @@ def make_networks(cfg: ModelConfig, image_size: int) -> tuple[nn.Module, int, nn
         return nn.Flatten(), D, nn.Sequential(nn.Linear(Z, D), nn.Unflatten(1, (1, S, S)))
     if cfg.network == "flying_shapes_conv":
         s4 = S // 4
-        encoder = nn.Sequential(
-            conv(1, 32, S, nn.ELU), conv(32, 64, S // 2, nn.ELU),
-            nn.Flatten(), fc(64 * s4 * s4, 512, nn.ELU))
-        decoder = nn.Sequential(
-            fc(Z, 512, nn.ReLU), fc(512, 64 * s4 * s4, nn.ReLU), nn.Unflatten(1, (64, s4, s4)),
-            up_conv(64, 32, s4, nn.ReLU), up_conv(32, 1, S // 2, None, layer_norm=False))
+        encoder = nn.Sequential(                                   # (N, 1, S, S) -> (N, 512)
+            conv(cfg, 1, 32, S, nn.ELU), conv(cfg, 32, 64, S // 2, nn.ELU),
+            nn.Flatten(), fc(cfg, 64 * s4 * s4, 512, nn.ELU))
+        decoder = nn.Sequential(                                   # (N, Z) -> (N, 1, S, S)
+            fc(cfg, Z, 512, nn.ReLU), fc(cfg, 512, 64 * s4 * s4, nn.ReLU), nn.Unflatten(1, (64, s4, s4)),
+            up_conv(cfg, 64, 32, s4, nn.ReLU), up_conv(cfg, 32, 1, S // 2, None, ln=False))
         return encoder, 512, decoder
     if cfg.network == "flying_mnist_conv":
         s8 = S // 8
-        encoder = nn.Sequential(
-            PerImageStandardize(),
-            conv(1, 32, S, nn.ELU), conv(32, 64, S // 2, nn.ELU), conv(64, 128, S // 4, nn.ELU),
-            nn.Flatten(), fc(128 * s8 * s8, 512, nn.ELU))
-        decoder = nn.Sequential(
-            fc(Z, 512, nn.ReLU), fc(512, 128 * s8 * s8, nn.ReLU), nn.Unflatten(1, (128, s8, s8)),
-            up_conv(128, 64, s8, nn.ReLU), up_conv(64, 32, S // 4, nn.ReLU),
-            up_conv(32, 1, S // 2, None, layer_norm=False))
+        encoder = nn.Sequential(                                   # (N, 1, S, S) -> (N, 512)
+            PerImageStandardize(cfg.input_std_floor),
+            conv(cfg, 1, 32, S, nn.ELU), conv(cfg, 32, 64, S // 2, nn.ELU), conv(cfg, 64, 128, S // 4, nn.ELU),
+            nn.Flatten(), fc(cfg, 128 * s8 * s8, 512, nn.ELU))
+        decoder = nn.Sequential(                                   # (N, Z) -> (N, 1, S, S)
+            fc(cfg, Z, 512, nn.ReLU), fc(cfg, 512, 128 * s8 * s8, nn.ReLU), nn.Unflatten(1, (128, s8, s8)),
+            up_conv(cfg, 128, 64, s8, nn.ReLU), up_conv(cfg, 64, 32, S // 4, nn.ReLU),
+            up_conv(cfg, 32, 1, S // 2, None, ln=False))
         return encoder, 512, decoder
     raise ValueError(f"unknown network {cfg.network!r}")
+
+
+def tf_init_(module: nn.Module) -> None:
+    """Re-draw every fc and conv weight glorot-uniform and zero every bias, in place: the TF 1
+    defaults of the authors' layers (slim's and get_variable's), NEM_SPEC.md §3.
+
+    Why here and not in the builders: the layers are built with PyTorch's own initialisation,
+    which ``init: torch`` keeps draw for draw (the same seed gives the same weights as before the
+    option existed); ``init: tf`` re-draws them all in this one place. The cells then set the two
+    parameters TF drew differently: RNN-EM's W_x / W_h (one joined range) and N-EM's step size.
+    Glorot's fans of a conv weight (O, I, kh, kw), UpConv's included, are I*kh*kw and O*kh*kw,
+    as TF's. LayerNorm gains start at 1 and biases at 0 under both inits.
+    """
+    with torch.no_grad():
+        for m in module.modules():
+            if isinstance(m, (nn.Linear, nn.Conv2d, UpConv)):
+                nn.init.xavier_uniform_(m.weight)                  # U(-a, a), a = sqrt(6 / (fan_in + fan_out))
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
 
 
 # ----------------------------------------------------------------------------------------
@@ -143,9 +206,18 @@ class RNNEMCell(nn.Module):
     def __init__(self, cfg: ModelConfig, image_size: int):
         super().__init__()
         self.encoder, n_enc, self.decoder = make_networks(cfg, image_size)
-        self.W_x = nn.Linear(n_enc, cfg.hidden)
-        self.W_h = nn.Linear(cfg.hidden, cfg.hidden, bias=False)
-        self.ln = nn.LayerNorm(cfg.hidden) if cfg.layer_norm else None
+        Z = cfg.hidden
+        self.W_x = nn.Linear(n_enc, Z)
+        self.W_h = nn.Linear(Z, Z, bias=False)
+        self.ln = layer_norm(cfg, (Z,)) if cfg.layer_norm else None  # one gain per feature
+        if cfg.init == "tf":
+            tf_init_(self)
+            # TF's BasicRNNCell has ONE kernel over [input, h] -> Z: draw it, then split it, so
+            # W_x and W_h share its glorot range sqrt(6 / (n_enc + 2 Z)) (§3); the bias is 0.
+            kernel = nn.init.xavier_uniform_(torch.empty(Z, n_enc + Z))  # (Z, n_enc + Z)
+            with torch.no_grad():
+                self.W_x.weight.copy_(kernel[:, :n_enc])
+                self.W_h.weight.copy_(kernel[:, n_enc:])
 
     def forward(self, inputs: Tensor, h: Tensor) -> tuple[Tensor, Tensor]:
         z = self.W_x(self.encoder(inputs)) + self.W_h(h)           # (B*K, Z)
@@ -165,9 +237,12 @@ class NEMCell(nn.Module):
         super().__init__()
         D = image_size * image_size
         self.image_size = image_size
-        self.W = nn.Parameter(torch.empty(D, cfg.hidden))
-        nn.init.xavier_uniform_(self.W)
-        self.eta = nn.Parameter(torch.tensor(1.0))  # the single learned step size
+        self.W = nn.Parameter(torch.empty(D, cfg.hidden))          # (D, Z), no bias
+        nn.init.xavier_uniform_(self.W)  # glorot under both inits, as TF's bias-free fully_connected
+        # the single learned step size: TF's (1, 1) variable, glorot-uniform, so U(-sqrt 3, sqrt 3)
+        # and possibly negative, under init: tf (§3); 1.0 under init: torch
+        eta = nn.init.xavier_uniform_(torch.empty(1, 1))[0, 0] if cfg.init == "tf" else torch.tensor(1.0)
+        self.eta = nn.Parameter(eta)                               # ()
 
     def forward(self, delta: Tensor, z: Tensor) -> tuple[Tensor, Tensor]:
         s = torch.sigmoid(z)                                       # (B*K, Z)

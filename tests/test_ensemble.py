@@ -24,11 +24,16 @@ def cfg_for(tmp_path, seed: int, data: dict, model: dict, **train) -> RunConfig:
 # of Adam (most exactly), where two seeds differ by 0.5 % or more.
 RTOL = 1e-5
 
+# The conv case keeps the data it was established on (1-pixel outlines, continuous motion): on
+# the default data, 3 of its 1.6 M weights, whose gradients sit at rounding level, took Adam's
+# lr-sized steps in different directions (9e-4 apart) while every loss still agreed. The
+# equivalence under test is the vmapped network's, which the data do not change.
 CASES = {
     "rnn_em static fc": ({"name": "static_shapes", "train": 64, "valid": 16, "test": 16}, {"k": 3, "em_steps": 4}),
     "nem static fc": ({"name": "static_shapes", "train": 64, "valid": 16, "test": 16},
                       {"kind": "nem", "k": 3, "em_steps": 4}),
-    "rnn_em flying shapes conv": ({"name": "flying_shapes", "frames": 4, "train": 32, "valid": 16, "test": 16},
+    "rnn_em flying shapes conv": ({"name": "flying_shapes", "frames": 4, "train": 32, "valid": 16, "test": 16,
+                                   "sprites": "outline", "motion": "continuous"},
                                   {"k": 3}),
 }
 
@@ -77,9 +82,11 @@ def test_resume_continues_the_ensemble_exactly(tmp_path):
 
 
 def test_members_stop_early_on_their_own(tmp_path):
-    """With patience 1 and a learning rate that makes validation worse, members leave the stack."""
+    """With patience 1 and a learning rate that makes validation worse, members leave the stack.
+
+    lr 0.1: under the TF init (NEM_SPEC.md §3) 0.05 let all three members improve for 6 epochs."""
     data, model = CASES["rnn_em static fc"]
-    cfgs = [cfg_for(tmp_path, s, data, model, max_epochs=6, patience=1, lr=0.05) for s in (0, 1, 2)]
+    cfgs = [cfg_for(tmp_path, s, data, model, max_epochs=6, patience=1, lr=0.1) for s in (0, 1, 2)]
     results = fit_ensemble(cfgs, make_splits(cfgs[0]))
     for r in results:
         assert r["stop_reason"] in ("early_stopping", "max_epochs")
