@@ -9,7 +9,8 @@ import torch
 from nem_study.config import InputError, RunConfig
 from nem_study.data import Split
 from nem_study.model import NEM
-from nem_study.train import NonFiniteLoss, evaluate, fit, load_checkpoint, load_model
+from nem_study.train import (LEGACY_CHOICES, NonFiniteLoss, evaluate, fit, load_checkpoint, load_model,
+                             save_checkpoint)
 
 from conftest import make_splits
 
@@ -38,6 +39,43 @@ def test_learning_lifts_test_ami_on_small_flying_shapes(tmp_path):
     untrained = evaluate(NEM(cfg.model, 28), splits["test"], cfg)
     result = fit(cfg, splits)
     assert result["test_ami"] > untrained["ami"] + 0.05, (untrained["ami"], result["test_ami"])
+
+
+def test_static_data_scores_the_last_em_step_and_sequences_the_mean(tmp_path):
+    """NEM_SPEC.md §5: static data reports the last step's AMI; the mean stays under its own name."""
+    cfg = static_cfg(tmp_path)
+    splits = make_splits(cfg)
+    torch.manual_seed(0)
+    model = NEM(cfg.model, 28)
+    static = evaluate(model, splits["test"], cfg)
+    per_step = static["ami_per_step"]
+    assert static["ami_score"] == "last" and static["ami"] == static["ami_last"] == per_step[-1]
+    assert static["ami_mean"] == pytest.approx(np.nanmean(per_step))
+    assert static["ami_mean"] != static["ami"]   # the two differ, so the test tells them apart
+    seq = RunConfig(data={"name": "flying_shapes", "frames": 4, "train": 8, "valid": 8, "test": 8})
+    result = evaluate(NEM(seq.model, 28), make_splits(seq)["test"], seq)
+    assert result["ami_score"] == "mean" and result["ami"] == result["ami_mean"]
+    assert result["ami"] == pytest.approx(np.nanmean(result["ami_per_step"]))
+    # static transfer of a sequence model: scored at the last step too
+    transfer = evaluate(NEM(seq.model, 28), make_splits(seq)["test"], seq, static=True, steps=5)
+    assert transfer["ami_score"] == "last" and transfer["ami"] == transfer["ami_per_step"][-1]
+
+
+def test_a_checkpoint_from_before_the_authors_defaults_loads_as_it_trained(tmp_path):
+    """Its config lacks the sprites / motion / init keys: they mean the old choices, not the new defaults."""
+    old = RunConfig(data={"name": "flying_shapes", "sprites": "outline", "motion": "continuous"},
+                    model={"init": "torch", "layer_norm_affine": "element", "layer_norm_eps": 1e-5,
+                           "input_std_floor": True})
+    model = NEM(old.model, 28)
+    config = old.model_dump(mode="json")
+    for section, keys in LEGACY_CHOICES.items():
+        for key in keys:
+            del config[section][key]
+    save_checkpoint(tmp_path / "old.pt", config=config, model=model.state_dict())
+    loaded, cfg, _ = load_model(tmp_path / "old.pt", device="cpu")
+    assert cfg == old
+    for name, w in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[name], w), name
 
 
 def test_training_is_deterministic_and_resume_continues_exactly(tmp_path):
