@@ -211,7 +211,7 @@ def _evaluations(logged: Any, metrics: dict[str, float]) -> list[dict[str, Any]]
         return [e for e in logged if isinstance(e, dict) and "name" in e]
     names = sorted({key.split("/")[1] for key in metrics if key.startswith("eval/") and key.count("/") == 2})
     return [{"name": name, **{key: metrics.get(f"eval/{name}/{key}", math.nan)
-                              for key in ("ami", "ami_last", "bce_bound")}} for name in names]
+                              for key in ("ami", "ami_mean", "ami_last", "bce_bound")}} for name in names]
 
 
 def _load_json(client, run_id: str, path: str, artifacts: set[str], tmp: Path) -> Any:

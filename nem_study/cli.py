@@ -157,7 +157,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         history = load_checkpoint(out / "last.pt")["history"]
     (out / "metrics.json").write_text(json.dumps(result | {"history": history}, indent=1))
     training_curves(history, out / "curves.png", title=f"{cfg.model.kind} K={cfg.model.k} on {cfg.data.name}")
-    log(f"test AMI {result['test_ami']:.3f} (last step {result['test_ami_last']:.3f}), "
+    log(f"test AMI {result['test_ami']:.3f} (mean over steps {result['test_ami_mean']:.3f}, "
+        f"last step {result['test_ami_last']:.3f}; scored: {result['test_ami_score']}), "
         f"stopped by {result['stop_reason']} after {result['epochs']} epochs; metrics in {out / 'metrics.json'}, "
         f"curves in {out / 'curves.png'}")
     print(json.dumps(result))

@@ -225,12 +225,12 @@ def fit_ensemble(cfgs: list[RunConfig], splits: Mapping[str, Split], report: Ens
                 best_loss[e], best_epoch[e] = val["loss"], epoch
             seconds = time.monotonic() - t0
             metrics = {"epoch": epoch, "train_loss": total[e] / n_batches, "valid_loss": val["loss"],
-                       "valid_ami": val["ami"], "valid_ami_last": val["ami_last"],
+                       "valid_ami": val["ami"], "valid_ami_mean": val["ami_mean"], "valid_ami_last": val["ami_last"],
                        "best_valid_loss": best_loss[e], "best_epoch": best_epoch[e], "epoch_seconds": seconds,
                        "sequences_per_second": n_batches * tc.batch_size / seconds}
             if tc.test_each_epoch:
                 t = evaluate(probe, splits["test"], cfgs[e], tc.test_each_epoch, seed=seeds[e])
-                metrics |= {"test_ami": t["ami"], "test_ami_last": t["ami_last"]}
+                metrics |= {"test_ami": t["ami"], "test_ami_mean": t["ami_mean"], "test_ami_last": t["ami_last"]}
             history[e].append(metrics)
             metrics_by_member[e] = metrics
             if root:

@@ -108,7 +108,7 @@ def training_curves(history: list[dict], path, title: str | None = None) -> Path
         if all(key in h for h in history):
             ax_ami.plot(epochs, [h[key] for h in history], marker="o", ms=3, label=key.replace("_", " "))
     ax_ami.set_xlabel("epoch")
-    ax_ami.set_ylabel("AMI (mean over steps)")
+    ax_ami.set_ylabel("AMI (static: last step; else mean over steps)")
     ax_ami.set_ylim(bottom=min(0.0, ax_ami.get_ylim()[0]))
     ax_ami.grid(alpha=0.3)
     ax_ami.legend(fontsize=8)

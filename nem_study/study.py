@@ -144,7 +144,8 @@ def run_ensemble_trial(config: dict[str, Any], *, trials: list[dict[str, Any]], 
             if metrics["epoch"] not in logged[e]:
                 tracking.log_epoch(tracking_uri, run_ids[e], metrics | {"stage": 1, "iteration": metrics["epoch"]})
         mean = {key: sum(m[key] for m in by_member.values()) / len(by_member)
-                for key in ("train_loss", "valid_loss", "valid_ami", "valid_ami_last", "best_valid_loss")}
+                for key in ("train_loss", "valid_loss", "valid_ami", "valid_ami_mean", "valid_ami_last",
+                            "best_valid_loss")}
         epoch = next(iter(by_member.values()))["epoch"]
         summary = mean | {"epoch": epoch, "iteration": epoch, "members_training": len(by_member),
                           "sequences_per_second": sum(m["sequences_per_second"] for m in by_member.values())}
@@ -188,7 +189,7 @@ def run_evaluations(study: StudyConfig, cfg: RunConfig, checkpoint: str | None, 
                                 n=ev.n, panel=str(trial_dir / f"groupings-{ev.label}.png"))
         results.append({"name": ev.label, "k": result["k"], "objects": result["test"]["objects"],
                         "steps": result["steps"], "static": result["static"]} |
-                       {k: result[k] for k in ("n", "ami", "ami_last", "bce_bound", "ami_per_step",
+                       {k: result[k] for k in ("n", "ami", "ami_mean", "ami_last", "ami_score", "bce_bound", "ami_per_step",
                                                "ami_q25_per_step", "ami_q75_per_step", "bce_per_step")})
     return results
 

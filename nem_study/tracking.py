@@ -211,7 +211,7 @@ def log_final(uri: str, run_id: str, result: dict[str, Any], evaluations: list[d
     # Counts that describe the evaluation (n, k, steps) live in test_metrics.json, not as metrics.
     scalars = {k: v for k, v in result.items() if not isinstance(v, list) and k not in DESCRIPTIVE}
     for ev in evaluations:
-        scalars |= {f"eval/{ev['name']}/{key}": ev[key] for key in ("ami", "ami_last", "bce_bound")}
+        scalars |= {f"eval/{ev['name']}/{key}": ev[key] for key in ("ami", "ami_mean", "ami_last", "bce_bound")}
     client.log_batch(run_id, metrics=_metrics(scalars, int(result.get("epochs", 0))))
     per_step = result.get("test_ami_per_step", [])
     steps = [m for t, ami in enumerate(per_step, start=1) for m in _metrics({"test_ami_step": ami}, t)]
@@ -220,6 +220,8 @@ def log_final(uri: str, run_id: str, result: dict[str, Any], evaluations: list[d
     client.set_tag(run_id, "stop_reason", str(result.get("stop_reason")))
     if "precision" in result:  # what train.precision 'auto' resolved to on the trial's machine
         client.set_tag(run_id, "precision", result["precision"])
+    if "test_ami_score" in result:  # which step(s) test_ami scores: 'last' (static) or 'mean'
+        client.set_tag(run_id, "ami_score", result["test_ami_score"])
     table = {"step": list(range(1, len(per_step) + 1)), "test_ami": per_step,
              "test_ami_q25": result.get("test_ami_q25_per_step", []),
              "test_ami_q75": result.get("test_ami_q75_per_step", []),

@@ -143,8 +143,9 @@ def test_four_trials_are_four_child_runs_under_one_parent(tmp_path, local_ray):
         for metric in ("train_loss", "valid_loss", "valid_ami", "iteration"):
             assert [m.step for m in client.get_metric_history(run_id, metric)] == [1, 2], metric
         assert [m.value for m in client.get_metric_history(run_id, "stage")] == [1, 1]
-        for metric in ("test_loss", "test_ami", "test_ami_last", "test_bce_bound"):
+        for metric in ("test_loss", "test_ami", "test_ami_mean", "test_ami_last", "test_bce_bound"):
             assert metric in run.data.metrics, metric
+        assert run.data.tags["ami_score"] == ("last" if expected["data.name"] == "static_shapes" else "mean")
         phases = [run.data.metrics[f"trial_{p}_seconds"] for p in ("setup", "fit", "report", "evaluations")]
         assert all(0 < t < 600 for t in phases) and phases[2] < phases[1], phases
         assert run.data.tags["precision"] == "fp32"
