@@ -21,6 +21,19 @@ from analysis.aggregate import Stat, by_cell, counts, eval_names, eval_stat, eva
 from analysis.collect import cell_label
 
 PUBLISHED = Path(__file__).with_name("published.yaml")
+# The paper's training budget per run: 50,000 sequences x up to 500 epochs (NEM_SPEC.md §3).
+PAPER_SEQUENCES = 50_000 * 500
+SEEN = "seen (of paper's)"
+SEEN_NOTE = (f"{SEEN}: training sequences (images) each run saw, mean over its finished runs, and the "
+             f"share of the paper's budget of 50,000 x up to 500 epochs = {PAPER_SEQUENCES:,}.")
+
+
+def seen(runs: pd.DataFrame) -> str:
+    """``90,000 (0.4 %)``: the mean training sequences seen by the finished runs, against the paper's."""
+    value = stat(runs, "sequences_seen")
+    if value.missing:
+        return "–"
+    return f"{value.mean:,.0f} ({100 * value.mean / PAPER_SEQUENCES:.2g} %)"
 
 
 def published() -> dict[str, Any]:
@@ -103,9 +116,10 @@ def grid_table(runs: pd.DataFrame, grid: dict[str, list[Any]]) -> Table:
     table = Table("grid", "Grid cells: test AMI (mean ± std over seeds)",
                   [*(labels or ["grid cell"]), "finished", "failed", "stopped", "unfinished", "test AMI",
                    "test AMI (mean over steps)", "test AMI (last step)", "BCE bound",
-                   *(f"{name} AMI" for name in evals)],
+                   *(f"{name} AMI" for name in evals), SEEN],
                   note="test AMI is the last EM step's on static data and the mean over steps on sequences "
-                  "(NEM_SPEC.md §5). Failed, stopped (e.g. by ASHA) and unfinished runs are counted, not averaged.")
+                  "(NEM_SPEC.md §5). Failed, stopped (e.g. by ASHA) and unfinished runs are counted, not averaged. "
+                  + SEEN_NOTE)
     for cell, group in by_cell(runs):
         values = json.loads(cell)
         n = counts(group)
@@ -113,7 +127,7 @@ def grid_table(runs: pd.DataFrame, grid: dict[str, list[Any]]) -> Table:
                            n["finished"], n["failed"], n["stopped"], n["unfinished"],
                            stat(group, "test_ami"), stat(group, "test_ami_mean"), stat(group, "test_ami_last"),
                            stat(group, "test_bce_bound"),
-                           *(stat(group, f"eval/{name}/ami") for name in evals)])
+                           *(stat(group, f"eval/{name}/ami") for name in evals), seen(group)])
     return table
 
 
@@ -147,10 +161,10 @@ def flying_shapes_table(runs: pd.DataFrame, paper: dict[str, Any]) -> Table | No
     table = Table("table1_flying_shapes", "Flying shapes (the paper's Table 1): AMI, ours vs paper", [
         "train objects", "train K", "train AMI (paper)", "valid AMI (ours)",
         "test objects", "test K", "test AMI (ours)", "test AMI (paper)", "test within",
-        "gen. objects", "gen. K", "gen. AMI (ours)", "gen. AMI (paper)", "gen. within", "n", "grid cell"],
+        "gen. objects", "gen. K", "gen. AMI (ours)", "gen. AMI (paper)", "gen. within", "n", SEEN, "grid cell"],
         note="RNN-EM runs only. The paper's train column is AMI on the training set; ours is the last "
              "epoch's validation AMI. Generalisation: the run's evaluation with the paper's K and object "
-             "count (not static; the fewest steps). within: |ours − paper| ≤ std_ours + std_paper.")
+             "count (not static; the fewest steps). within: |ours − paper| ≤ std_ours + std_paper. " + SEEN_NOTE)
     for row in paper["flying_shapes"]:
         gen = row["generalisation"]
         matched = _select(shapes, "flying_shapes", **{"data.objects": row["objects"], "model.k": row["k"]})
@@ -161,7 +175,7 @@ def flying_shapes_table(runs: pd.DataFrame, paper: dict[str, Any]) -> Table | No
             table.rows.append([row["objects"], row["k"], train_p, stat(group, "valid_ami"),
                                row["objects"], row["k"], test, test_p, within(test, test_p),
                                gen["objects"], gen["k"], generalised, gen_p, within(generalised, gen_p),
-                               counts(group)["finished"], cell_label(cell) if cell else "–"])
+                               counts(group)["finished"], seen(group), cell_label(cell) if cell else "–"])
     return table
 
 
@@ -171,8 +185,9 @@ def static_shapes_table(runs: pd.DataFrame, paper: dict[str, Any]) -> Table | No
     if static.empty:
         return None
     table = Table("static_shapes", "Static shapes: N-EM vs RNN-EM, test AMI", [
-        "model", "K", "test AMI (ours)", "test AMI (paper)", "within", "n", "grid cell"],
-        note="The paper: K = 3, 15 EM steps. within: |ours − paper| ≤ std_ours + std_paper.")
+        "model", "K", "test AMI (ours)", "test AMI (paper)", "within", "n", SEEN, "grid cell"],
+        note="The paper: K = 3, 15 EM steps; AMI at the last EM step. within: |ours − paper| ≤ std_ours + "
+             "std_paper. " + SEEN_NOTE)
     for kind, label in (("rnn_em", "RNN-EM"), ("nem", "N-EM")):
         matched = _select(static, "static_shapes", **{"model.kind": kind})
         paper_value = Stat.published(paper["static_shapes"][kind])
@@ -180,7 +195,7 @@ def static_shapes_table(runs: pd.DataFrame, paper: dict[str, Any]) -> Table | No
             ours = stat(group, "test_ami")
             k = num(group["model.k"].iloc[0]) if cell and "model.k" in group else "–"
             table.rows.append([label, k, ours, paper_value, within(ours, paper_value), counts(group)["finished"],
-                               cell_label(cell) if cell else "–"])
+                               seen(group), cell_label(cell) if cell else "–"])
     return table
 
 
@@ -193,9 +208,10 @@ def flying_mnist_table(runs: pd.DataFrame, paper: dict[str, Any]) -> Table | Non
     table = Table("flying_mnist", "Flying MNIST: direct vs stage-wise training, ours vs paper", [
         "training", "K", "digits", "2 digits (ours)", "2 digits (paper)", "2 digits within",
         "3 digits, K=3 (ours)", "3 digits (paper)", "3 digits within",
-        "static (ours)", "static (paper)", "static within", "n", "grid cell"],
+        "static (ours)", "static (paper)", "static within", "n", SEEN, "grid cell"],
         note="Paper values apply to K = 2 on 2 digits. 3 digits: the evaluation with 3 objects and K = 3; "
-             "static: the static evaluation (50 steps where logged). within: |ours − paper| ≤ std_ours + std_paper.")
+             "static: the static evaluation (50 steps where logged). within: |ours − paper| ≤ std_ours + std_paper. "
+             + SEEN_NOTE)
     curriculum = mnist.get("data.curriculum", pd.Series("None", index=mnist.index)).fillna("None")
     for key, label in (("direct", "direct"), ("stagewise", "stage-wise")):
         matched = mnist[(curriculum == "None") == (key == "direct")]
@@ -211,7 +227,7 @@ def flying_mnist_table(runs: pd.DataFrame, paper: dict[str, Any]) -> Table | Non
             table.rows.append([label, k, digits, two, p["two_digits"], within(two, p["two_digits"]),
                                three, p["three_digits"], within(three, p["three_digits"]),
                                still, p["static"], within(still, p["static"]), counts(group)["finished"],
-                               cell_label(cell) if cell else "–"])
+                               seen(group), cell_label(cell) if cell else "–"])
     return table
 
 

@@ -227,7 +227,8 @@ def fit_ensemble(cfgs: list[RunConfig], splits: Mapping[str, Split], report: Ens
             metrics = {"epoch": epoch, "train_loss": total[e] / n_batches, "valid_loss": val["loss"],
                        "valid_ami": val["ami"], "valid_ami_mean": val["ami_mean"], "valid_ami_last": val["ami_last"],
                        "best_valid_loss": best_loss[e], "best_epoch": best_epoch[e], "epoch_seconds": seconds,
-                       "sequences_per_second": n_batches * tc.batch_size / seconds}
+                       "sequences_per_second": n_batches * tc.batch_size / seconds,
+                       "sequences_seen": epoch * n_batches * tc.batch_size}
             if tc.test_each_epoch:
                 t = evaluate(probe, splits["test"], cfgs[e], tc.test_each_epoch, seed=seeds[e])
                 metrics |= {"test_ami": t["ami"], "test_ami_mean": t["ami_mean"], "test_ami_last": t["ami_last"]}
@@ -265,6 +266,7 @@ def fit_ensemble(cfgs: list[RunConfig], splits: Mapping[str, Split], report: Ens
             results.append({"failed": failed[e], "epochs": epochs[e]})
             continue
         summary = {"epochs": epochs[e], "best_epoch": best_epoch[e], "best_valid_loss": best_loss[e],
+                   "sequences_seen": epochs[e] * n_batches * tc.batch_size,
                    "stop_reason": stop_reason[e], "train_seconds": train_seconds,
                    "precision": resolve_precision(tc.precision, device), "ensemble_size": E}
         best = member_dir(root, seed) / "best.pt" if root else None

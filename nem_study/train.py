@@ -392,6 +392,7 @@ def fit(cfg: RunConfig, splits: Mapping[str, Split], report: Report | None = Non
             "best_valid_loss": best_loss, "best_epoch": best_epoch,
             "epoch_seconds": time.monotonic() - t0,
             "sequences_per_second": n_batches * tc.batch_size / (time.monotonic() - t0),
+            "sequences_seen": epoch * n_batches * tc.batch_size,   # the budget, against the paper's
         }
         if tc.test_each_epoch:
             test = evaluate(model, splits["test"], cfg, tc.test_each_epoch, seed=tc.seed)
@@ -417,7 +418,7 @@ def fit(cfg: RunConfig, splits: Mapping[str, Split], report: Report | None = Non
             break
 
     summary = {"epochs": epoch, "best_epoch": best_epoch, "best_valid_loss": best_loss,
-               "stop_reason": stop_reason, "train_seconds": time.monotonic() - t_start,
+               "sequences_seen": epoch * n_batches * tc.batch_size, "stop_reason": stop_reason, "train_seconds": time.monotonic() - t_start,
                "precision": resolve_precision(tc.precision, device)}
     best = ckpt_dir / "best.pt" if ckpt_dir else None
     if best is not None and best.is_file():
@@ -476,7 +477,9 @@ def fit_curriculum(cfg: RunConfig, load: Callable[[Any, str], Split], report: Re
 
         def stage_report(metrics: dict[str, Any], _dir: Path | None, i: int = i, offset: int = offset) -> None:
             if report is not None:
-                report(metrics | {"stage": i, "iteration": offset + metrics["epoch"]}, root)
+                per_epoch = metrics["sequences_seen"] // metrics["epoch"]
+                report(metrics | {"stage": i, "iteration": offset + metrics["epoch"],
+                                  "sequences_seen": (offset + metrics["epoch"]) * per_epoch}, root)
 
         if progress and len(stages) > 1:
             print(f"stage {i} of {len(stages)}: digit pool {stage.data.digit_pool}", flush=True)
@@ -489,7 +492,8 @@ def fit_curriculum(cfg: RunConfig, load: Callable[[Any, str], Split], report: Re
             marker.write_text(json.dumps(done[-1]))
         offset, init = offset + result["epochs"], result.get("checkpoint")
     if len(stages) > 1:
-        result |= {"epochs": offset, "stages": done}
+        result |= {"epochs": offset, "stages": done,
+                   "sequences_seen": offset * (result["sequences_seen"] // max(result["epochs"], 1))}
     return result
 
 

@@ -17,7 +17,8 @@ import pytest
 import yaml
 
 from analysis.aggregate import Stat, within
-from analysis.tables import flying_mnist_table, flying_shapes_table, grid_table, published, static_shapes_table
+from analysis.tables import (SEEN, flying_mnist_table, flying_shapes_table, grid_table, published,
+                             static_shapes_table)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -221,6 +222,9 @@ def test_collect_gives_one_row_per_run_and_the_grid_table_one_row_per_cell(study
     assert rows[3]["test AMI"].mean == pytest.approx(ami["k=3,seed=0"]) and rows[3]["test AMI"].n == 1
     gen = {name: r.data.metrics["eval/k5/ami"] for name, r in study["children"].items()}
     assert rows[2]["k5 AMI"].mean == pytest.approx(np.mean([gen["k=2,seed=0"], gen["k=2,seed=1"]]))
+    # the budget: training sequences seen, as the trainer logged it, against the paper's 25 million
+    seen = np.mean([study["children"][f"k=2,seed={s}"].data.metrics["sequences_seen"] for s in (0, 1)])
+    assert seen > 0 and rows[2][SEEN] == f"{seen:,.0f} ({100 * seen / 25_000_000:.2g} %)"
 
     table1 = flying_shapes_table(runs, published())
     (row33,) = [dict(zip(table1.columns, r)) for r in table1.rows if r[:2] == [3, 3]]

@@ -84,8 +84,11 @@ def test_training_is_deterministic_and_resume_continues_exactly(tmp_path):
     fit(static_cfg(tmp_path / "b", max_epochs=1), splits)
     resumed = fit(static_cfg(tmp_path / "b"), splits, resume=tmp_path / "b" / "ckpt" / "last.pt")
     assert resumed["epochs"] == straight["epochs"] == 2
+    # the budget counts on over the resume: 2 epochs of 128 // 32 batches of 32
+    assert resumed["sequences_seen"] == straight["sequences_seen"] == 2 * 4 * 32
     a = load_checkpoint(tmp_path / "a" / "ckpt" / "last.pt")
     b = load_checkpoint(tmp_path / "b" / "ckpt" / "last.pt")
+    assert [m["sequences_seen"] for m in b["history"]] == [128, 256]
     for name, w in a["model"].items():
         assert torch.equal(w, b["model"][name]), name
     assert a["history"][-1]["valid_loss"] == b["history"][-1]["valid_loss"]
@@ -204,6 +207,9 @@ def test_a_curriculum_trains_stage_after_stage_and_a_resume_skips_finished_stage
     assert {d for _, d in reports} == {tmp_path / "ckpt"}          # Tune checkpoints the whole folder
     assert ("train", 5) in loaded and ("train", 10) in loaded and ("test", 10) in loaded
     assert result["epochs"] == 4 and [s["digit_pool"] for s in result["stages"]] == [5]
+    per_epoch = reports[0][0]["sequences_seen"]                    # counted over the stages
+    assert [m["sequences_seen"] for m, _ in reports] == [per_epoch * i for i in (1, 2, 3, 4)]
+    assert result["sequences_seen"] == 4 * per_epoch
     assert result["checkpoint"] == str(tmp_path / "ckpt" / "stage2" / "best.pt") and "test_ami" in result
     # Stage 2 started from stage 1's best weights: its first epoch beats a fresh start's first epoch.
     assert reports[2][0]["train_loss"] < reports[0][0]["train_loss"]
