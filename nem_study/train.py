@@ -418,7 +418,8 @@ def fit(cfg: RunConfig, splits: Mapping[str, Split], report: Report | None = Non
             break
 
     summary = {"epochs": epoch, "best_epoch": best_epoch, "best_valid_loss": best_loss,
-               "sequences_seen": epoch * n_batches * tc.batch_size, "stop_reason": stop_reason, "train_seconds": time.monotonic() - t_start,
+               "sequences_seen": epoch * n_batches * tc.batch_size, "stop_reason": stop_reason,
+               "train_seconds": time.monotonic() - t_start,
                "precision": resolve_precision(tc.precision, device)}
     best = ckpt_dir / "best.pt" if ckpt_dir else None
     if best is not None and best.is_file():
