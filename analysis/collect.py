@@ -110,7 +110,7 @@ def find_study(study: str, tracking_uri: str | None = None) -> tuple[Study, Any]
     if study.endswith((".yaml", ".yml")):
         try:
             raw = yaml.safe_load(Path(study).read_text())
-        except (OSError, yaml.YAMLError) as e:
+        except (OSError, ValueError, yaml.YAMLError) as e:   # ValueError: not UTF-8 text
             raise ReportError(f"{study}: cannot read the study file ({type(e).__name__})") from None
         if not isinstance(raw, dict) or not isinstance(raw.get("name"), str):
             raise ReportError(f"{study}: a study file needs a `name`")

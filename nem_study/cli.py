@@ -1,13 +1,16 @@
 """``nem-study``: the command line.
 
 Every user-facing problem (bad config, missing file, damaged checkpoint) is an ``InputError``:
-one message naming the field or file, exit code 2, no traceback.
+one message naming the field or file, exit code 2, no traceback. Any other exception is a bug:
+one line ``nem-study: internal error: ...`` naming the file that holds its traceback, exit code 1
+(``--debug`` or ``NEM_STUDY_DEBUG=1`` shows the traceback instead).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -28,6 +31,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="nem-study", description="Reproduce and stress-test Neural Expectation Maximization.",
         epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--debug", action="store_true", help="on an internal error, show the Python traceback "
+                   "instead of writing it to a file (also: NEM_STUDY_DEBUG=1)")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     mnist_help = "MNIST as .npz or a folder of IDX files (default: $NEM_MNIST, the cache, a download)"
@@ -131,12 +136,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from nem_study import data
     from nem_study.config import load_run_config
+
+    cfg = load_run_config(args.config, args.overrides)  # before torch is imported: a bad file answers at once
+
+    from nem_study import data
+    from nem_study.capacity import check_batch
+    from nem_study.data.store import check_space
     from nem_study.plots import training_curves
     from nem_study.train import fit_curriculum, load_checkpoint
 
-    cfg = load_run_config(args.config, args.overrides)
+    check_batch(cfg)  # a batch or a data set that cannot fit: refused before anything is made
+    check_space(cfg.data)
     if args.out:
         cfg.train.checkpoint_dir = args.out
     elif cfg.train.checkpoint_dir is None:
@@ -240,6 +251,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     print_trials(args.study, study, trials)
     if getattr(args, "dry_run", False):
         return 0
+    from nem_study.data.store import check_space
+
+    for spec in {t.config.data.model_dump_json(): t.config.data for t in trials}.values():
+        check_space(spec)  # before Ray, MLflow or the cache are touched
     from nem_study.study import run_study
 
     result = run_study(study, args.study, address=args.address, num_cpus=args.num_cpus,
@@ -268,11 +283,19 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+DEBUG_ENV = "NEM_STUDY_DEBUG"
+LOG_DIR_ENV = "NEM_STUDY_LOG_DIR"
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run one command. Bad input (``InputError``, ``ReportError``): one line and exit code 2.
+    Anything else is a bug: one line naming it and the file with its traceback, exit code 1
+    (``--debug`` or ``NEM_STUDY_DEBUG=1``: the traceback itself, as Python prints it)."""
     from analysis import ReportError
     from nem_study.config import InputError
 
     args = build_parser().parse_args(argv)
+    debug = args.debug or os.environ.get(DEBUG_ENV, "").strip().lower() in ("1", "true", "yes", "on")
     handler = {"train": cmd_train, "evaluate": cmd_evaluate, "data": cmd_data, "validate": cmd_validate,
                "run": cmd_run, "resume": cmd_run, "report": cmd_report}[args.command]
     try:
@@ -283,13 +306,46 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("nem-study: interrupted", file=sys.stderr)
         return 130
-    except RuntimeError as e:
-        from nem_study.train import NonFiniteLoss
-
-        if isinstance(e, NonFiniteLoss):
+    except BrokenPipeError:  # the reader of our output went away (`nem-study ... | head`): not a bug
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.dup2(devnull, sys.stderr.fileno())
+        return 141
+    except Exception as e:
+        train = sys.modules.get("nem_study.train")  # not imported: not a training error (and no torch import)
+        if train is not None and isinstance(e, train.NonFiniteLoss):
             print(f"nem-study: training stopped: {e}", file=sys.stderr)
             return 1
-        raise
+        if debug:
+            raise
+        print(f"nem-study: internal error: {_one_line(e)} ({_save_traceback(e, argv)})", file=sys.stderr)
+        return 1
+
+
+def _one_line(e: BaseException) -> str:
+    text = " ".join(str(e).split())
+    return f"{type(e).__name__}: {text[:300]}" if text else type(e).__name__
+
+
+def _save_traceback(e: BaseException, argv: list[str] | None) -> str:
+    """Write the traceback to ``$NEM_STUDY_LOG_DIR`` (else the temp folder); say where it went."""
+    import tempfile
+    import traceback
+
+    folder = Path(os.environ.get(LOG_DIR_ENV) or tempfile.gettempdir())
+    text = (f"nem-study {' '.join(sys.argv[1:] if argv is None else argv)}\n"
+            f"{time.strftime('%Y-%m-%d %H:%M:%S')}, Python {sys.version.split()[0]}\n\n"
+            + "".join(traceback.format_exception(e)))
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, path = tempfile.mkstemp(prefix=f"nem-study-crash-{time.strftime('%Y%m%d-%H%M%S')}-",
+                                    suffix=".txt", dir=folder)
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+    except OSError as err:
+        sys.stderr.write(text)
+        return f"the traceback could not be written to {folder} ({err.strerror or err}), so it is above"
+    return f"full traceback in {path}; rerun with --debug to see it here"
 
 
 if __name__ == "__main__":

@@ -10,13 +10,16 @@ from __future__ import annotations
 
 import copy
 import itertools
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
 from pydantic_core import InitErrorDetails, PydanticCustomError
+
+from nem_study import inputs
+from nem_study.inputs import InputError  # defined with the guarded reader; imported from here too
 
 DataName = Literal["static_shapes", "flying_shapes", "flying_mnist"]
 
@@ -200,10 +203,6 @@ class RunConfig(Strict):
 # Loading, overrides and errors
 
 
-class InputError(Exception):
-    """A problem with user input; the CLI prints it and exits with code 2."""
-
-
 def format_validation_error(err: ValidationError, source: str = "config") -> str:
     lines = [f"{source}: {len(err.errors())} problem(s)"]
     for e in err.errors():
@@ -217,17 +216,11 @@ def format_validation_error(err: ValidationError, source: str = "config") -> str
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:
-    p = Path(path)
-    if not p.is_file():
-        raise InputError(f"{p}: no such file")
-    try:
-        raw = yaml.safe_load(p.read_text())
-    except yaml.YAMLError as e:
-        raise InputError(f"{p}: not valid YAML: {e}") from None
-    if raw is None:
-        raw = {}
+    """A YAML mapping from a file, read through :func:`nem_study.inputs.read_yaml` (size, encoding,
+    depth and alias limits: any problem is one InputError naming the file)."""
+    raw = inputs.read_yaml(path)
     if not isinstance(raw, dict):
-        raise InputError(f"{p}: expected a mapping at the top level, got {type(raw).__name__}")
+        raise InputError(f"{path}: expected a mapping at the top level, got {type(raw).__name__}")
     return raw
 
 
@@ -243,7 +236,7 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
                 raise InputError(f"--set {item!r}: {part} is not a section")
-        node[parts[-1]] = yaml.safe_load(value) if value.strip() else None
+        node[parts[-1]] = inputs.parse_yaml(value, f"--set {item!r}") if value.strip() else None
     return raw
 
 
@@ -275,6 +268,9 @@ def load_data_config(name_or_path: str, overrides: list[str] | None = None) -> D
 
 # Keys a study sets itself, so a grid must not: seeds come from ``seeds``, checkpoints go
 # into each trial's own folder.
+#: grid cells x seeds of one study; checked before the grid is expanded (a 10-key grid of 10 values
+#: each would be 10^10 trials)
+MAX_TRIALS = 10_000
 STUDY_OWNED_KEYS = {"train.seed": "set by `seeds`", "train.checkpoint_dir": "set per trial by the study"}
 
 
@@ -443,6 +439,11 @@ class StudyConfig(Strict):
                 if label in labels[:i]:
                     problems.append(_detail(("evaluations", i), "evaluations", f"a second evaluation named "
                                             f"{label!r}; give one a `name`", label))
+        cells = math.prod(len(v) for v in grid.values() if isinstance(v, list)) if isinstance(grid, dict) else 1
+        if cells * (study.seeds if study is not None else 1) > MAX_TRIALS:  # before expanding any
+            problems.append(_detail(("grid",) if cells > 1 else ("seeds",), "too_many_trials",
+                                    f"{cells:,} grid cell(s) x {study.seeds if study else 1:,} seed(s) is more "
+                                    f"than {MAX_TRIALS:,} trials", {}))
         if not problems:
             study._base_raw = copy.deepcopy(base_raw)
             problems += _combination_problems(study)

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from nem_study import data
+from nem_study.capacity import check_batch
 from nem_study.config import DataConfig, InputError, RunConfig
 from nem_study.train import evaluate, load_model
 
@@ -39,6 +40,8 @@ def generalisation(checkpoint: str | Path, *, k: int | None = None, objects: int
     if k is not None and k < 1:
         raise InputError(f"--k must be >= 1, got {k}")
     spec = test_spec(cfg, objects, steps)
+    changed = " ".join(f"--{name} {v}" for name, v in (("k", k), ("steps", steps)) if v is not None)
+    check_batch(cfg, k=k, steps=steps, source=changed or None)  # before any test data are made
     split = data.load(spec, "test", mnist_path=mnist_path)
     result = evaluate(model, split, cfg, n or cfg.train.test_samples, k=k, steps=steps,
                       static=static or None, seed=cfg.train.seed, average_method=average_method,

@@ -254,17 +254,31 @@ def save_checkpoint(path: Path, **state: Any) -> None:
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
     """Load and check a checkpoint; any problem is an InputError naming the file."""
+    import pickle
+    from nem_study.inputs import check_checkpoint_file
+
     path = Path(path)
     if path.is_dir():
         path = path / "last.pt"
-    if not path.is_file():
-        raise InputError(f"{path}: no such checkpoint")
+    check_checkpoint_file(path)  # a regular file, not empty, not huge, a zip archive as torch.save writes
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # the error below is the one message
+            warnings.simplefilter("ignore")
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:  # weights_only refused a class: someone else's pickle
+        raise InputError(f"{path}: not a nem-study checkpoint (it holds Python objects other than tensors "
+                         "and plain data; not loaded, since that would run its code)") from None
     except Exception as e:  # torch raises many kinds for a damaged or foreign file
-        raise InputError(f"{path}: not a readable checkpoint ({_first_line(e)})") from None
+        why = _first_line(e).split(". ")[0]
+        raise InputError(f"{path}: not a readable checkpoint, damaged or truncated ({why})") from None
     if not isinstance(ckpt, Mapping) or ckpt.get("format") != CHECKPOINT_FORMAT:
-        raise InputError(f"{path}: not a nem-study checkpoint (expected format {CHECKPOINT_FORMAT!r})")
+        found = (f"a saved {type(ckpt).__name__}" if not isinstance(ckpt, Mapping) else
+                 f"format {str(ckpt['format'])[:60]!r}" if "format" in ckpt else "a dict without 'format'")
+        raise InputError(f"{path}: not a nem-study checkpoint (expected format {CHECKPOINT_FORMAT!r}, "
+                         f"found {found})")
+    missing = [key for key in ("config", "model") if key not in ckpt]
+    if missing:
+        raise InputError(f"{path}: an incomplete checkpoint (no {', '.join(missing)})")
     try:
         ckpt = dict(ckpt)
         ckpt["config"] = RunConfig.model_validate(_with_legacy_choices(ckpt["config"]))

@@ -31,12 +31,14 @@ import hashlib
 import os
 import shutil
 import urllib.request
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from nem_study.config import DataConfig, InputError
+from nem_study.inputs import check_archive, check_file, human
 
 ENV_VAR = "NEM_MNIST"
 #: IDX image files and where to get them (tried in order; a test may replace this list)
@@ -48,6 +50,8 @@ MIRRORS = [
 ]
 DOWNLOAD_TIMEOUT_S = 10.0
 N_TRAIN = 50_000
+#: the most pixels an MNIST source may unpack to (70,000 x 28 x 28 = 55 MB; a bigger file is not MNIST)
+MAX_MNIST_BYTES = 1_000_000_000
 FIX = f"Pass --mnist PATH (or set {ENV_VAR}=PATH) with an MNIST .npz (x_train, x_valid, x_test) " \
       "or a directory with the IDX files train-images-idx3-ubyte.gz and t10k-images-idx3-ubyte.gz."
 
@@ -113,20 +117,31 @@ def downsample(x: np.ndarray, size: int, chunk: int = 10_000) -> np.ndarray:
 
 
 def _read_idx(path: Path) -> np.ndarray:
-    try:  # gzip or not by its magic bytes, not the name (a download's .part file has no .gz)
+    """An IDX image file (gzip or not, by its magic bytes, not the name: a download's .part file
+    has no .gz), read no further than its header says, so a huge or endless file costs nothing."""
+    size = check_file(path, "MNIST IDX file")
+    if size == 0:
+        raise InputError(f"{path}: empty (0 bytes); expected an MNIST IDX image file. {FIX}")
+    try:
         with open(path, "rb") as f:
             opener = gzip.open if f.read(2) == b"\x1f\x8b" else open
         with opener(path, "rb") as f:
-            raw = f.read()
-    except (OSError, EOFError) as e:
-        raise InputError(f"{path}: cannot read this IDX file ({e}). {FIX}") from None
-    if len(raw) < 16 or int.from_bytes(raw[:4], "big") != 2051:
-        raise InputError(f"{path}: not an MNIST IDX image file (bad magic number). {FIX}")
-    n, rows, cols = (int.from_bytes(raw[i:i + 4], "big") for i in (4, 8, 12))
-    if len(raw) != 16 + n * rows * cols:
-        raise InputError(f"{path}: truncated IDX file ({len(raw)} bytes, expected "
-                         f"{16 + n * rows * cols}); delete it and fetch it again")
-    return np.frombuffer(raw, np.uint8, offset=16).reshape(n, rows, cols)
+            header = f.read(16)
+            if len(header) < 16 or int.from_bytes(header[:4], "big") != 2051:
+                raise InputError(f"{path}: not an MNIST IDX image file (bad magic number). {FIX}")
+            n, rows, cols = (int.from_bytes(header[i:i + 4], "big") for i in (4, 8, 12))
+            expected = n * rows * cols
+            if expected > MAX_MNIST_BYTES:
+                raise InputError(f"{path}: its header declares {n:,} images of {rows}x{cols} "
+                                 f"({human(expected)}), far more than MNIST; not an MNIST file. {FIX}")
+            raw = f.read(expected + 1)
+    except (OSError, EOFError, zlib.error) as e:
+        raise InputError(f"{path}: cannot read this IDX file ({type(e).__name__}: {e}). {FIX}") from None
+    if len(raw) != expected:
+        what = "truncated" if len(raw) < expected else "trailing data after the images in"
+        raise InputError(f"{path}: {what} IDX file ({16 + len(raw)}{'+' if len(raw) > expected else ''} "
+                         f"bytes, expected {16 + expected}); delete it and fetch it again")
+    return np.frombuffer(raw, np.uint8).reshape(n, rows, cols)
 
 
 def _find_idx(folder: Path, stem: str) -> Path | None:
@@ -150,6 +165,7 @@ def _from_idx_dir(folder: Path) -> Mnist:
 
 
 def _from_npz(path: Path) -> Mnist:
+    check_archive(path, "MNIST .npz", MAX_MNIST_BYTES, hint=FIX)  # before numpy unpacks anything
     try:
         with np.load(path, allow_pickle=False) as z:
             arrays = {k: z[k] for k in ("x_train", "x_valid", "x_test") if k in z.files}

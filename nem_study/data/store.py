@@ -38,7 +38,9 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from nem_study.capacity import check_data_set
 from nem_study.config import DataConfig, InputError
+from nem_study.inputs import MAX_JSON_BYTES, read_text
 from nem_study.data.synth import SPLITS, check, count, iter_blocks
 from nem_study.data.mnist import load_mnist
 
@@ -216,6 +218,13 @@ def _lock(path: Path, progress: bool) -> Iterator[None]:
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
+def check_space(spec: DataConfig) -> None:
+    """Refuse up front (one InputError) a data set that is not cached and would not fit the
+    cache's disk or memory; :func:`ensure` checks the same before it writes anything."""
+    if not set_dir(spec).is_dir():
+        check_data_set(spec, data_dir())
+
+
 def ensure(spec: DataConfig, mnist_path: str | os.PathLike | None = None, progress: bool = True,
            force: bool = False) -> Path:
     """Generate the data set of ``spec`` into the cache unless it is there; return its directory.
@@ -229,6 +238,8 @@ def ensure(spec: DataConfig, mnist_path: str | os.PathLike | None = None, progre
     if final.is_dir() and not force:
         return final
     root = final.parent
+    check_data_set(spec, root)  # before the folder, the lock or MNIST: nothing written if it cannot fit
+    mnist = load_mnist(mnist_path) if spec.name == "flying_mnist" else None  # a bad --mnist: nothing written
     try:
         root.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -240,7 +251,6 @@ def ensure(spec: DataConfig, mnist_path: str | os.PathLike | None = None, progre
         for prefix in (".tmp", ".trash"):  # left by a crashed run (we hold the lock)
             for old in root.glob(f"{prefix}-{final.name}-*"):
                 shutil.rmtree(old, ignore_errors=True)
-        mnist = load_mnist(mnist_path) if spec.name == "flying_mnist" else None
         tmp = root / f".tmp-{final.name}-{os.getpid()}"
         tmp.mkdir()
         t0 = time.time()
@@ -291,12 +301,14 @@ class Split:
 
 def read_manifest(d: Path) -> dict:
     path = d / MANIFEST
+    if not path.exists() and not path.is_symlink():
+        raise InputError(f"{path}: missing, so the data set in {d} is incomplete. {_fix(d)}")
     try:
-        manifest = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise InputError(f"{path}: missing, so the data set in {d} is incomplete. {_fix(d)}") from None
-    except (OSError, ValueError) as e:
-        raise InputError(f"{path}: cannot be read ({e}). {_fix(d)}") from None
+        manifest = json.loads(read_text(path, "data set manifest", MAX_JSON_BYTES))
+    except InputError as e:
+        raise InputError(f"{e}. {_fix(d)}") from None
+    except (ValueError, RecursionError) as e:
+        raise InputError(f"{path}: cannot be read (not JSON: {str(e)[:200]}). {_fix(d)}") from None
     if not isinstance(manifest, dict) or not isinstance(manifest.get("splits"), dict):
         raise InputError(f"{path}: not a data set manifest. {_fix(d)}")
     return manifest
@@ -331,6 +343,9 @@ def load(spec: DataConfig, split: str, mnist_path: str | os.PathLike | None = No
     entry = manifest["splits"].get(split)
     if not isinstance(entry, dict) or "file" not in entry or "sha256" not in entry:
         raise InputError(f"{d / MANIFEST}: no entry for the {split} split. {_fix(d)}")
+    if not isinstance(entry["file"], str) or "/" in entry["file"] or entry.get("count") != count(spec, split):
+        raise InputError(f"{d / MANIFEST}: the {split} entry does not match the data spec (file "
+                         f"{entry['file']!r}, count {entry.get('count')!r}, expected {count(spec, split)}). {_fix(d)}")
     path = d / entry["file"]
     if not path.is_file():
         raise InputError(f"{path}: missing. {_fix(d)}")

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from nem_study.capacity import check_in_memory
 from nem_study.config import DataConfig, InputError
 from nem_study.data import sequences, shapes
 from nem_study.data.mnist import Mnist, load_mnist
@@ -127,6 +128,7 @@ def generate(spec: DataConfig, split: str, n: int | None = None, mnist: MnistArg
     """
     check(spec, split)
     n = count(spec, split) if n is None else int(n)
+    check_in_memory(spec, split, n)  # before np.empty: a size that cannot fit is one InputError
     shape = (n, spec.frames, spec.image_size, spec.image_size)
     images, labels = np.empty(shape, np.uint8), np.empty(shape, np.uint8)
     pool = _pool(spec, split, mnist)

@@ -1,0 +1,133 @@
+"""Does the work fit? Disk and memory sizes checked before anything is generated or allocated.
+
+One job: from a data spec or a run config, compute what a step would need (the cache's files,
+a split in memory, the mapping the cache writer lays out, a training batch) and refuse with one
+:class:`~nem_study.inputs.InputError` naming the config field, what it would need and what there
+is, e.g. ``data.train = 1000000000000: the cache would need 32.9 PB on /root/.cache/..., 53.2 GB
+free``. The callers: :func:`nem_study.data.store.ensure` (the cache), :func:`nem_study.data.synth.
+generate` (arrays in memory), ``nem-study train`` and ``nem-study evaluate`` (the batch).
+
+The estimates are lower bounds (the bytes of the arrays themselves), so a refusal is certain,
+not a guess; what passes may still need more (Python, torch, the network's activations).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+from nem_study.inputs import InputError, human
+
+SPLITS = ("train", "valid", "test")
+
+
+def available_memory() -> int | None:
+    """Bytes of memory a new allocation can get without swapping: MemAvailable (Linux), else the
+    free physical pages; None if unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def mapping_limit() -> int | None:
+    """The largest anonymous mapping the kernel grants (virtual memory, not used memory): with
+    Linux's default heuristic overcommit, RAM + swap; with strict overcommit, CommitLimit -
+    Committed_AS; None when unlimited or unknown."""
+    try:
+        mode = Path("/proc/sys/vm/overcommit_memory").read_text().strip()
+        info = {}
+        with open("/proc/meminfo") as f:
+            for line in f:
+                key, _, rest = line.partition(":")
+                info[key] = int(rest.split()[0]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    if mode == "1":
+        return None
+    if mode == "2":
+        return info.get("CommitLimit", 0) - info.get("Committed_AS", 0)
+    return info.get("MemTotal", 0) + info.get("SwapTotal", 0) or None
+
+
+def free_disk(path: str | os.PathLike) -> tuple[int, Path]:
+    """Free bytes on the file system that ``path`` is (or would be created) on, and the existing
+    folder that was measured."""
+    p = Path(path).absolute()
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    return shutil.disk_usage(p).free, p
+
+
+def _row(spec) -> int:
+    return spec.frames * spec.image_size * spec.image_size
+
+
+def _largest(spec) -> str:
+    return max(SPLITS, key=lambda s: getattr(spec, s))
+
+
+def _field(spec) -> str:
+    split = _largest(spec)
+    return f"data.{split} = {getattr(spec, split)}"
+
+
+def check_data_set(spec, folder: str | os.PathLike) -> None:
+    """Before the cache writes the data set of ``spec`` into ``folder``: its three files (images
+    and labels, uint8) must fit the free disk, and the largest split's zero-filled layout (an
+    anonymous mapping of images of one split, :func:`nem_study.data.store._write_split`) what the
+    kernel maps."""
+    row = _row(spec)
+    total = sum(getattr(spec, s) for s in SPLITS)
+    need = 2 * total * row
+    free, _ = free_disk(folder)
+    if need > free:
+        raise InputError(f"{_field(spec)}: the cache would need {human(need)} ({total:,} sequences of "
+                         f"{spec.frames} x {spec.image_size} x {spec.image_size} px, images and labels) on "
+                         f"{folder}, {human(free)} free")
+    largest = getattr(spec, _largest(spec)) * row
+    limit = mapping_limit()
+    if limit is not None and largest > limit:
+        raise InputError(f"{_field(spec)}: writing the {_largest(spec)} split lays out {human(largest)} in "
+                         f"memory, more than this machine can map ({human(limit)})")
+
+
+def check_in_memory(spec, split: str, n: int) -> None:
+    """Before :func:`nem_study.data.synth.generate` allocates ``n`` sequences of ``split``
+    (images and labels, uint8) in memory."""
+    need = 2 * n * _row(spec)
+    free = available_memory()
+    if free is not None and need > free:
+        raise InputError(f"data.{split} = {n}: generating it in memory needs {human(need)}, "
+                         f"{human(free)} of memory free")
+
+
+def check_batch(cfg, k: int | None = None, steps: int | None = None, source: str | None = None) -> None:
+    """Before training or evaluating: one batch must fit in memory (the GPU's, when
+    ``train.device`` resolves to CUDA). The estimate is what any step holds at least: the float32
+    frames of the batch and, per step, K components' predictions, soft assignments and network
+    inputs, (steps + 1) x B x (1 + 3 K) x pixels x 4 bytes; the network's activations come on top.
+    B is train.batch_size, at most data.train. ``source`` names what was set (default the batch size)."""
+    k = k or cfg.model.k
+    steps = steps or cfg.steps
+    batch = min(cfg.train.batch_size, cfg.data.train)
+    pixels = cfg.data.image_size * cfg.data.image_size
+    need = (steps + 1) * batch * (1 + 3 * k) * pixels * 4
+    free, where = available_memory(), "of memory free"
+    if cfg.train.device != "cpu":
+        import torch
+
+        if torch.cuda.is_available():
+            free, where = torch.cuda.mem_get_info()[0], "free on the GPU"
+    if free is not None and need > free:
+        raise InputError(f"{source or f'train.batch_size = {cfg.train.batch_size}'}: one batch of {batch:,} "
+                         f"sequences x {steps + 1} steps x K = {k} needs at least {human(need)}, "
+                         f"{human(free)} {where}")
