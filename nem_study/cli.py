@@ -121,6 +121,17 @@ def build_parser() -> argparse.ArgumentParser:
                        "checkpoint, each in its own MLflow child run, under the study's latest parent run.")
     study_arguments(s, "the study YAML it was started with")
 
+    c = sub.add_parser("config", help="show the fully resolved config of a run or a study",
+                       description="Print what would run, with every default of NEM_SPEC.md §3 filled in: "
+                       "a run config as YAML; a study's resolved base, then each trial's differences from it.")
+    csub = c.add_subparsers(dest="config_command", required=True, metavar="ACTION")
+    cs = csub.add_parser("show", help="print the resolved config (nothing runs)",
+                         description="Print the resolved run config of RUN.yaml, or for STUDY.yaml the "
+                         "resolved base and, per trial, the keys where it differs from the base.")
+    cs.add_argument("config", metavar="RUN.yaml|STUDY.yaml", help="a run config or a study file")
+    cs.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                    help=override_help + " (for a study: study keys, e.g. --set base.model.k=5)")
+
     rp = sub.add_parser("report", help="tables and figures of a study, from MLflow",
                         description="Read every trial of a study from MLflow and write its report: a table "
                         "of the grid (mean ± std over seeds, failed runs counted), the paper's tables where "
@@ -234,6 +245,33 @@ def print_trials(study_path: str, study, trials) -> None:
         print(f"  {t.index:>4}  {t.name if study.search is None else cell_name(t.cell) or '(no grid)'}")
 
 
+def _flat(config) -> dict[str, object]:
+    """``{"model.k": 3, ...}``: a resolved run config, key by key."""
+    return {f"{section}.{key}": value for section, fields in config.model_dump(mode="json").items()
+            for key, value in fields.items()}
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    """``config show``: a run config resolved, or a study's base and each trial's differences."""
+    import yaml
+
+    from nem_study.config import expand_trials, load_run_config, load_study_config, read_yaml
+
+    if "name" not in read_yaml(args.config):   # a study has a name; a run config has none
+        print(yaml.safe_dump(load_run_config(args.config, args.overrides).model_dump(mode="json"),
+                             sort_keys=False), end="")
+        return 0
+    study = load_study_config(args.config, args.overrides)
+    base = _flat(study.run_config({}, study.base.train.seed))
+    print(f"# study {study.name!r}: the resolved base run config")
+    print(yaml.safe_dump({"base": study.run_config({}, study.base.train.seed).model_dump(mode="json")},
+                         sort_keys=False), end="")
+    print("# each trial: the keys where it differs from the base")
+    trials = {t.name: {k: v for k, v in _flat(t.config).items() if v != base[k]} for t in expand_trials(study)}
+    print(yaml.safe_dump({"trials": trials}, sort_keys=False), end="")
+    return 0
+
+
 def cmd_validate(args: argparse.Namespace) -> int:
     from nem_study.config import expand_trials, load_study_config
 
@@ -296,8 +334,8 @@ def main(argv: list[str] | None = None) -> int:
 
     args = build_parser().parse_args(argv)
     debug = args.debug or os.environ.get(DEBUG_ENV, "").strip().lower() in ("1", "true", "yes", "on")
-    handler = {"train": cmd_train, "evaluate": cmd_evaluate, "data": cmd_data, "validate": cmd_validate,
-               "run": cmd_run, "resume": cmd_run, "report": cmd_report}[args.command]
+    handler = {"train": cmd_train, "evaluate": cmd_evaluate, "data": cmd_data, "config": cmd_config,
+               "validate": cmd_validate, "run": cmd_run, "resume": cmd_run, "report": cmd_report}[args.command]
     try:
         return handler(args)
     except (InputError, ReportError) as e:

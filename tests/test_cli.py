@@ -27,10 +27,30 @@ def assert_clean_error(r: subprocess.CompletedProcess, *needles: str) -> None:
 
 
 @pytest.mark.parametrize("args", [[], ["train"], ["evaluate"], ["data"], ["data", "generate"], ["data", "show"],
-                                  ["validate"], ["run"], ["resume"], ["report"]])
+                                  ["validate"], ["run"], ["resume"], ["report"], ["config"], ["config", "show"]])
 def test_every_command_has_help(args):
     r = cli(*args, "--help")
     assert r.returncode == 0 and "usage: nem-study" in r.stdout
+
+
+def test_config_show_prints_the_resolved_run_and_each_trials_differences(tmp_path):
+    import yaml
+
+    from nem_study.config import load_run_config, load_study_config
+
+    r = cli("config", "show", "studies/runs/flying_shapes.yaml", "--set", "model.k=5")
+    assert r.returncode == 0, r.stderr
+    shown = yaml.safe_load(r.stdout)
+    expected = load_run_config(ROOT / "studies/runs/flying_shapes.yaml", ["model.k=5"]).model_dump(mode="json")
+    assert shown == expected and shown["model"]["k"] == 5 and shown["model"]["hidden"] == 100  # a §3 default
+    r = cli("config", "show", "studies/quickstart.yaml", "--set", "base.model.k=4")
+    assert r.returncode == 0, r.stderr
+    shown = yaml.safe_load(r.stdout)
+    study = load_study_config(ROOT / "studies/quickstart.yaml", ["base.model.k=4"])
+    assert shown["base"] == study.run_config({}, study.base.train.seed).model_dump(mode="json")
+    assert shown["base"]["model"]["k"] == 4
+    assert shown["trials"] == {"kind=rnn_em,seed=0": {}, "kind=nem,seed=0": {"model.kind": "nem"}}
+    assert_clean_error(cli("config", "show", str(tmp_path / "missing.yaml")), "missing.yaml")
 
 
 def write(tmp_path: Path, text: str) -> str:
