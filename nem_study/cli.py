@@ -262,10 +262,10 @@ def cmd_config(args: argparse.Namespace) -> int:
                              sort_keys=False), end="")
         return 0
     study = load_study_config(args.config, args.overrides)
-    base = _flat(study.run_config({}, study.base.train.seed))
+    resolved = study.run_config({}, study.base.train.seed)
+    base = _flat(resolved)
     print(f"# study {study.name!r}: the resolved base run config")
-    print(yaml.safe_dump({"base": study.run_config({}, study.base.train.seed).model_dump(mode="json")},
-                         sort_keys=False), end="")
+    print(yaml.safe_dump({"base": resolved.model_dump(mode="json")}, sort_keys=False), end="")
     print("# each trial: the keys where it differs from the base")
     trials = {t.name: {k: v for k, v in _flat(t.config).items() if v != base[k]} for t in expand_trials(study)}
     print(yaml.safe_dump({"trials": trials}, sort_keys=False), end="")
