@@ -22,16 +22,24 @@ from nem_study.inputs import InputError, human
 SPLITS = ("train", "valid", "test")
 
 
+def _meminfo() -> dict[str, int]:
+    """/proc/meminfo in bytes (Linux); empty where it cannot be read."""
+    try:
+        info = {}
+        with open("/proc/meminfo") as f:
+            for line in f:
+                key, _, rest = line.partition(":")
+                info[key] = int(rest.split()[0]) * 1024
+        return info
+    except (OSError, ValueError, IndexError):
+        return {}
+
+
 def available_memory() -> int | None:
     """Bytes of memory a new allocation can get without swapping: MemAvailable (Linux), else the
     free physical pages; None if unknown."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
+    if "MemAvailable" in (info := _meminfo()):
+        return info["MemAvailable"]
     try:
         return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (ValueError, OSError, AttributeError):
@@ -44,12 +52,9 @@ def mapping_limit() -> int | None:
     Committed_AS; None when unlimited or unknown."""
     try:
         mode = Path("/proc/sys/vm/overcommit_memory").read_text().strip()
-        info = {}
-        with open("/proc/meminfo") as f:
-            for line in f:
-                key, _, rest = line.partition(":")
-                info[key] = int(rest.split()[0]) * 1024
-    except (OSError, ValueError, IndexError):
+    except OSError:
+        return None
+    if not (info := _meminfo()):
         return None
     if mode == "1":
         return None
