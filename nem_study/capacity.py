@@ -13,6 +13,7 @@ not a guess; what passes may still need more (Python, torch, the network's activ
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 from pathlib import Path
@@ -20,6 +21,16 @@ from pathlib import Path
 from nem_study.inputs import InputError, human
 
 SPLITS = ("train", "valid", "test")
+
+
+class DiskFull(InputError):
+    """The disk filled up (or the quota ran out) while writing, although the check before passed:
+    the space went to something else meanwhile, or the estimate (a lower bound) was just short.
+    The writer keeps nothing half-written; the message names the file or folder."""
+
+
+def is_disk_full(e: BaseException) -> bool:
+    return isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT)
 
 
 def _meminfo() -> dict[str, int]:
@@ -85,6 +96,12 @@ def _field(spec) -> str:
     return f"data.{split} = {getattr(spec, split)}"
 
 
+def cache_bytes(spec) -> int:
+    """What the data set of ``spec`` takes in the cache, at least: images and labels of every
+    split, one byte per pixel."""
+    return 2 * sum(getattr(spec, s) for s in SPLITS) * _row(spec)
+
+
 def check_data_set(spec, folder: str | os.PathLike) -> None:
     """Before the cache writes the data set of ``spec`` into ``folder``: its three files (images
     and labels, uint8) must fit the free disk, and the largest split's zero-filled layout (an
@@ -92,7 +109,7 @@ def check_data_set(spec, folder: str | os.PathLike) -> None:
     kernel maps."""
     row = _row(spec)
     total = sum(getattr(spec, s) for s in SPLITS)
-    need = 2 * total * row
+    need = cache_bytes(spec)
     free, _ = free_disk(folder)
     if need > free:
         raise InputError(f"{_field(spec)}: the cache would need {human(need)} ({total:,} sequences of "
@@ -103,6 +120,18 @@ def check_data_set(spec, folder: str | os.PathLike) -> None:
     if limit is not None and largest > limit:
         raise InputError(f"{_field(spec)}: writing the {_largest(spec)} split lays out {human(largest)} in "
                          f"memory, more than this machine can map ({human(limit)})")
+
+
+def check_data_sets(specs, folder: str | os.PathLike) -> None:
+    """Before a study generates the data sets it lacks (``specs``): each as
+    :func:`check_data_set`, and all of them together on the free disk."""
+    for spec in specs:
+        check_data_set(spec, folder)
+    need = sum(cache_bytes(spec) for spec in specs)
+    free, _ = free_disk(folder)
+    if need > free:
+        raise InputError(f"the study's {len(specs)} data sets not yet cached would need {human(need)} together "
+                         f"(images and labels) on {folder}, {human(free)} free; each alone would fit")
 
 
 def check_in_memory(spec, split: str, n: int) -> None:

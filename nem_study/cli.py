@@ -31,14 +31,17 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="nem-study", description="Reproduce and stress-test Neural Expectation Maximization.",
         epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--debug", action="store_true", help="on an internal error, show the Python traceback "
-                   "instead of writing it to a file (also: NEM_STUDY_DEBUG=1)")
+    debug_help = ("on an internal error, show the Python traceback instead of writing it to a file "
+                  "(also: NEM_STUDY_DEBUG=1)")
+    p.add_argument("--debug", action="store_true", help=debug_help)
+    debug = argparse.ArgumentParser(add_help=False)  # --debug after the command too
+    debug.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=debug_help)
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     mnist_help = "MNIST as .npz or a folder of IDX files (default: $NEM_MNIST, the cache, a download)"
     override_help = "override a config key, e.g. --set model.k=5 (repeatable)"
 
-    t = sub.add_parser("train", help="train one run from a config file",
+    t = sub.add_parser("train", parents=[debug], help="train one run from a config file",
                        description="Train N-EM / RNN-EM from one run config (YAML). Prints a progress "
                        "bar per epoch and ends with one JSON line of test metrics.")
     t.add_argument("config", help="run config YAML (examples in studies/runs/)")
@@ -49,7 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--mnist", help=mnist_help)
     t.add_argument("--quiet", action="store_true", help="no progress output, only the final JSON line")
 
-    e = sub.add_parser("evaluate", help="evaluate a checkpoint, also with other K / objects / steps",
+    e = sub.add_parser("evaluate", parents=[debug], help="evaluate a checkpoint, also with other K / objects / steps",
                        description="Evaluate a trained network on its test set, optionally with another "
                        "K, another object count, more time steps, or static images (NEM_SPEC.md §5). "
                        "Prints JSON.")
@@ -66,13 +69,13 @@ def build_parser() -> argparse.ArgumentParser:
                    "(input, each component's prediction, gamma, truth)")
     e.add_argument("--mnist", help=mnist_help)
 
-    d = sub.add_parser("data", help="generate or look at data sets",
+    d = sub.add_parser("data", parents=[debug], help="generate or look at data sets",
                        description="Data sets are a pure function of their spec; they are cached as "
                        "Arrow files under $NEM_DATA_DIR (default: the user cache folder).")
     dsub = d.add_subparsers(dest="data_command", required=True, metavar="ACTION")
     for name, text in [("generate", "generate a data set into the cache (if absent)"),
                        ("show", "write a PNG strip of a few sequences with their label maps")]:
-        a = dsub.add_parser(name, help=text, description=text)
+        a = dsub.add_parser(name, parents=[debug], help=text, description=text)
         a.add_argument("spec", metavar="NAME|SPEC.yaml",
                        help="static_shapes, flying_shapes, flying_mnist, or a YAML data spec / run config")
         a.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -101,13 +104,13 @@ def build_parser() -> argparse.ArgumentParser:
                        help="GPUs of the local Ray (default: the GPUs torch/Ray detect)")
         p.add_argument("--mnist", help=mnist_help + "; flying MNIST data are generated before any trial")
 
-    v = sub.add_parser("validate", help="check a study file and list its trials",
+    v = sub.add_parser("validate", parents=[debug], help="check a study file and list its trials",
                        description="Check a study YAML (base run, grid, seeds, resources, tracking). "
                        "Reports every problem at once with its place in the YAML (exit 2), else the "
                        "trials it would launch.")
     study_arguments(v, "study YAML (see studies/)", ray=False)
 
-    r = sub.add_parser("run", help="run a study: its trials on Ray Tune, tracked in MLflow",
+    r = sub.add_parser("run", parents=[debug], help="run a study: its trials on Ray Tune, tracked in MLflow",
                        description="Run every trial of a study (grid cells x seeds) on Ray Tune, each "
                        "one an MLflow child run under one parent run per study. Checks the tracking "
                        "store first; ends with a summary (trials finished / failed, best test AMI "
@@ -115,24 +118,24 @@ def build_parser() -> argparse.ArgumentParser:
     study_arguments(r, "study YAML (see studies/)")
     r.add_argument("--dry-run", action="store_true", help="print the trials and exit")
 
-    s = sub.add_parser("resume", help="continue a study whose driver was interrupted",
+    s = sub.add_parser("resume", parents=[debug], help="continue a study whose driver was interrupted",
                        description="Continue an interrupted `nem-study run` from its Ray Tune state in the "
                        "study's storage folder: finished trials stay, the others go on from their last "
                        "checkpoint, each in its own MLflow child run, under the study's latest parent run.")
     study_arguments(s, "the study YAML it was started with")
 
-    c = sub.add_parser("config", help="show the fully resolved config of a run or a study",
+    c = sub.add_parser("config", parents=[debug], help="show the fully resolved config of a run or a study",
                        description="Print what would run, with every default of NEM_SPEC.md §3 filled in: "
                        "a run config as YAML; a study's resolved base, then each trial's differences from it.")
     csub = c.add_subparsers(dest="config_command", required=True, metavar="ACTION")
-    cs = csub.add_parser("show", help="print the resolved config (nothing runs)",
+    cs = csub.add_parser("show", parents=[debug], help="print the resolved config (nothing runs)",
                          description="Print the resolved run config of RUN.yaml, or for STUDY.yaml the "
                          "resolved base and, per trial, the keys where it differs from the base.")
     cs.add_argument("config", metavar="RUN.yaml|STUDY.yaml", help="a run config or a study file")
     cs.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                     help=override_help + " (for a study: study keys, e.g. --set base.model.k=5)")
 
-    rp = sub.add_parser("report", help="tables and figures of a study, from MLflow",
+    rp = sub.add_parser("report", parents=[debug], help="tables and figures of a study, from MLflow",
                         description="Read every trial of a study from MLflow and write its report: a table "
                         "of the grid (mean ± std over seeds, failed runs counted), the paper's tables where "
                         "the study has such runs (published values beside ours), figures (AMI per time "
@@ -289,11 +292,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     print_trials(args.study, study, trials)
     if getattr(args, "dry_run", False):
         return 0
-    from nem_study.data.store import check_space
+    from nem_study.capacity import check_data_sets
+    from nem_study.data.store import data_dir, set_dir
+    from nem_study.study import data_specs, run_study
 
-    for spec in {t.config.data.model_dump_json(): t.config.data for t in trials}.values():
-        check_space(spec)  # before Ray, MLflow or the cache are touched
-    from nem_study.study import run_study
+    # Before Ray, MLflow or the cache are touched: what the study would generate, alone and together.
+    check_data_sets([s for s in data_specs(study, trials) if not set_dir(s).is_dir()], data_dir())
 
     result = run_study(study, args.study, address=args.address, num_cpus=args.num_cpus,
                        num_gpus=args.num_gpus, mnist_path=args.mnist, resume=args.command == "resume")

@@ -7,8 +7,10 @@ test evaluation (NEM_SPEC.md §3, §5). It reports through a plain callback
 
 from __future__ import annotations
 
+import io
 import json
 import math
+import os
 import time
 import warnings
 from collections.abc import Callable, Mapping
@@ -18,8 +20,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from nem_study.capacity import DiskFull, is_disk_full
 from nem_study.config import InputError, NoiseConfig, RunConfig
 from nem_study.data import BACKGROUND, OVERLAP, Split
+from nem_study.inputs import human
 from nem_study.metrics import ami_matrix, bce_upper_bound
 from nem_study.model import NEM, EMOutput
 
@@ -247,9 +251,25 @@ def evaluate(model: NEM, split: Split, cfg: RunConfig, n: int | None = None, *,
 
 
 def save_checkpoint(path: Path, **state: Any) -> None:
+    """Write ``state`` to ``path`` whole or not at all: into ``<name>.tmp`` (which the next save
+    overwrites, so a killed run leaves at most one), then renamed over ``path``. A full disk is one
+    :class:`~nem_study.capacity.DiskFull` error naming ``path``, which still holds the previous checkpoint."""
+    buf = io.BytesIO()
+    torch.save({"format": CHECKPOINT_FORMAT, **state}, buf)  # torch reports a failed write as a bare RuntimeError
     tmp = path.with_suffix(".tmp")
-    torch.save({"format": CHECKPOINT_FORMAT, **state}, tmp)
-    tmp.replace(path)  # atomic: a killed run never leaves half a checkpoint
+    try:
+        with open(tmp, "wb") as f:
+            f.write(buf.getbuffer())
+            f.flush()
+            os.fsync(f.fileno())  # some file systems (NFS) report a full disk only here
+        tmp.replace(path)  # atomic: a killed run never leaves half a checkpoint
+    except BaseException as e:
+        tmp.unlink(missing_ok=True)
+        if is_disk_full(e):
+            raise DiskFull(f"{path}: disk full ({os.strerror(e.errno)}), the checkpoint ({human(buf.tell())}) "
+                           f"was not written; {'the previous one is kept' if path.exists() else 'there is none yet'}. "
+                           "Free some space there and run again") from None
+        raise
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:

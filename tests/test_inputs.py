@@ -299,6 +299,18 @@ def test_sizes_are_checked_against_memory_and_the_mapping_limit(monkeypatch, tmp
     assert not data.data_dir().exists()   # nothing written: no folder, no lock
 
 
+def test_a_study_whose_data_sets_fit_alone_but_not_together(monkeypatch, tmp_path, capsys):
+    """Two grid cells with 1.6 MB of data each, 2.5 MB free: refused before anything is made."""
+    study = put(tmp_path, "study.yaml", "name: s\nbase:\n  data: {name: static_shapes, train: 1000, valid: 10, "
+                "test: 10}\ngrid:\n  data.seed: [1, 2]\n")
+    monkeypatch.setattr(capacity, "free_disk", lambda p: (2_500_000, Path(p)))
+    monkeypatch.setenv("NEM_DATA_DIR", str(tmp_path / "cache"))
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["run", study]) == 2
+    assert "the study's 2 data sets not yet cached would need 3.2 MB together" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in"]   # no cache, storage or MLflow store
+
+
 def test_a_damaged_manifest(tmp_path):
     spec = load_data_config("static_shapes", ["train=2", "valid=2", "test=2"])
     d = data.ensure(spec, progress=False)
@@ -338,6 +350,8 @@ def test_an_internal_error_is_one_line_and_its_traceback_goes_to_a_file(tmp_path
 
     with pytest.raises(ZeroDivisionError):   # --debug: Python's own traceback, as before
         cli.main(["--debug", "validate", _study(tmp_path)])
+    with pytest.raises(ZeroDivisionError):   # after the command too
+        cli.main(["validate", _study(tmp_path), "--debug"])
     monkeypatch.setenv("NEM_STUDY_DEBUG", "1")
     with pytest.raises(ZeroDivisionError):
         cli.main(["validate", _study(tmp_path)])

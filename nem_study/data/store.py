@@ -14,8 +14,9 @@ blocks of sequences are written into it in place, one block at a time (:func:`_w
 
 Safety: a set is generated into a temporary sibling directory and renamed into place with
 ``os.rename`` (atomic), under an ``fcntl.flock`` lock per set, so two processes asking for the
-same set generate it once and nobody sees a half-written set. :func:`load` checks each file's
-sha256 against the manifest (once per process per file).
+same set generate it once and nobody sees a half-written set; a disk that fills up meanwhile is
+one :class:`~nem_study.capacity.DiskFull` error, the temporary directory removed. :func:`load`
+checks each file's sha256 against the manifest (once per process per file).
 """
 
 from __future__ import annotations
@@ -38,9 +39,9 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from nem_study.capacity import check_data_set
+from nem_study.capacity import DiskFull, cache_bytes, check_data_set, free_disk, is_disk_full
 from nem_study.config import DataConfig, InputError
-from nem_study.inputs import MAX_JSON_BYTES, read_text
+from nem_study.inputs import MAX_JSON_BYTES, human, read_text
 from nem_study.data.synth import SPLITS, check, count, iter_blocks
 from nem_study.data.mnist import load_mnist
 
@@ -252,19 +253,24 @@ def ensure(spec: DataConfig, mnist_path: str | os.PathLike | None = None, progre
             for old in root.glob(f"{prefix}-{final.name}-*"):
                 shutil.rmtree(old, ignore_errors=True)
         tmp = root / f".tmp-{final.name}-{os.getpid()}"
-        tmp.mkdir()
         t0 = time.time()
         if progress:
             print(f"generating {spec.name} -> {final}", file=sys.stderr)
         try:
+            tmp.mkdir()
             _build(spec, tmp, mnist, progress)
             if final.exists():
                 trash = root / f".trash-{final.name}-{os.getpid()}"
                 os.rename(final, trash)
                 shutil.rmtree(trash, ignore_errors=True)
             os.rename(tmp, final)
-        except BaseException:
+        except BaseException as e:
             shutil.rmtree(tmp, ignore_errors=True)
+            if is_disk_full(e):
+                raise DiskFull(f"{root}: disk full ({os.strerror(e.errno)}) while writing the {spec.name} data set: "
+                               f"its files need more than {human(cache_bytes(spec))}, {human(free_disk(root)[0])} is "
+                               f"free there now. Nothing was kept; free some space there, or set {ENV_VAR} to a "
+                               "folder on a larger disk, and run again") from None
             raise
         if progress:
             print(f"generated {spec.name} in {time.time() - t0:.1f} s", file=sys.stderr)
