@@ -11,12 +11,16 @@ All Ray code lives here, all MLflow code in ``nem_study.tracking``.
 
 from __future__ import annotations
 
+import fcntl
+import json
 import os
 import re
 import shutil
 import socket
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -385,12 +389,8 @@ def _safe(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.=,-]", "_", name)[:100]
 
 
-def prepare_data(study: StudyConfig, trials: list[TrialSpec], mnist_path: str | None = None) -> None:
-    """Generate every data set the trials and their evaluations read (curriculum stages too).
-
-    A missing MNIST is then one clear error before any trial starts, not a failure per trial.
-    """
-    from nem_study import data
+def data_specs(study: StudyConfig, trials: list[TrialSpec]) -> list[Any]:
+    """Every data set the trials and their evaluations read (curriculum stages too), once each."""
     from nem_study.evaluate import test_spec
     from nem_study.train import curriculum_stages
 
@@ -402,8 +402,74 @@ def prepare_data(study: StudyConfig, trials: list[TrialSpec], mnist_path: str | 
         for ev in study.evaluations:  # they test the last stage's checkpoint, with its data spec
             spec = test_spec(stages[-1], ev.objects, ev.steps)
             specs[spec.model_dump_json()] = spec
-    for spec in specs.values():
+    return list(specs.values())
+
+
+def prepare_data(study: StudyConfig, trials: list[TrialSpec], mnist_path: str | None = None) -> None:
+    """Generate every data set of :func:`data_specs`. A missing MNIST is then one clear error
+    before any trial starts, not a failure per trial."""
+    from nem_study import data
+
+    for spec in data_specs(study, trials):
         data.ensure(spec, mnist_path=mnist_path)
+
+
+@contextmanager
+def driver_lock(study: StudyConfig) -> Iterator[None]:
+    """One driver per study at a time: two would open two parent runs and share Tune's folder.
+
+    An ``flock`` on ``.<name>.lock`` in the local storage folder (with URI storage, in the data
+    cache): the kernel releases it when the driver exits, however it exits.
+    """
+    from nem_study import data
+
+    storage = storage_path(study)
+    folder = data.data_dir() / "locks" if tracking.has_scheme(storage) else Path(storage)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        f = open(folder / f".{_safe(study.name)}.lock", "a+")
+    except OSError as e:
+        raise InputError(f"storage {storage}: cannot write there ({e.strerror or e})") from None
+    with f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "another process"
+            raise InputError(f"study {study.name!r} is running already ({holder}), with its trials in {storage}. "
+                             "Wait for it to end, or stop it (Ctrl-C) and continue it with `nem-study resume`.") from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+        f.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def edits(before: Any, after: Any, key: str = "") -> list[str]:
+    """``["grid.model.k: [2, 3] -> [2, 4]", ...]``: the values that differ between two resolved
+    studies. Keys only one side has (a field added or dropped by another nem-study version) are
+    not edits."""
+    if isinstance(before, dict) and isinstance(after, dict):
+        return [change for k in before if k in after
+                for change in edits(before[k], after[k], f"{key}.{k}" if key else str(k))]
+    return [] if before == after else [f"{key}: {json.dumps(before)} -> {json.dumps(after)}"]
+
+
+def check_unchanged(study: StudyConfig, uri: str, parent_run_id: str) -> None:
+    """Resume runs a study as it started: Tune's saved trials are indices into the trial list of
+    the study as started, so an edited grid, base or seed count would give them other configs."""
+    started = tracking.study_as_started(uri, parent_run_id)
+    if started is None:
+        return  # a parent run without its resolved study (made by hand): nothing to compare
+    changed = edits(started, study.model_dump(mode="json"))
+    if changed:
+        shown = "; ".join(changed[:5]) + (f"; and {len(changed) - 5} more" if len(changed) > 5 else "")
+        raise InputError(f"study {study.name!r} changed since it started: {shown}. Resume runs the study as it "
+                         f"started (MLflow parent run {parent_run_id}, artifact study_resolved.yaml): undo the edit "
+                         "(and pass the same --set), or run the edited study under a new name.")
 
 
 def run_study(study: StudyConfig, study_yaml: str | Path, address: str | None = None,
@@ -418,7 +484,6 @@ def run_study(study: StudyConfig, study_yaml: str | Path, address: str | None = 
     ``resume``: continue a study whose driver died, from its Tune state in ``storage`` and
     under its latest MLflow parent run; its trials keep their child runs.
     """
-    import ray
     from ray import tune
 
     trials = expand_trials(study)
@@ -430,16 +495,27 @@ def run_study(study: StudyConfig, study_yaml: str | Path, address: str | None = 
     check_address(address)  # before anything is written
     uri = tracking.resolve_uri(study.tracking.uri)
     tracking.ensure_reachable(uri)  # before any trial starts
-    experiment_id = tracking.get_experiment(uri, study.experiment, study.tracking.artifacts)
     parent_run_id = None
     if resume:
-        parent_run_id = tracking.find_parent(uri, experiment_id, study.name)
+        experiment = tracking.find_experiment(uri, study.experiment)
+        parent_run_id = experiment and tracking.find_parent(uri, experiment, study.name)
         if parent_run_id is None:
             raise InputError(f"study {study.name!r}: no parent run in MLflow experiment {study.experiment!r} "
                              f"at {uri} to resume under")
+        check_unchanged(study, uri, parent_run_id)
+    prepare_data(study, trials, mnist_path)  # once, here: trials then only read the cache (a bad --mnist: no lock)
+    with driver_lock(study):
+        return _drive(study, study_yaml, trials, experiments, uri, parent_run_id, address, num_cpus, num_gpus,
+                      verbose, resume)
 
-    prepare_data(study, trials, mnist_path)  # once, here: trials then only read the cache
 
+def _drive(study: StudyConfig, study_yaml: str | Path, trials: list[TrialSpec], experiments: list[_Experiment],
+           uri: str, parent_run_id: str | None, address: str | None, num_cpus: int | None, num_gpus: int | None,
+           verbose: int, resume: bool) -> StudyResult:
+    """``run_study`` once it holds the study's driver lock (``parent_run_id``: the one to resume)."""
+    import ray
+
+    experiment_id = tracking.get_experiment(uri, study.experiment, study.tracking.artifacts)
     started_ray = not ray.is_initialized()
     if started_ray:
         _start_ray(address, num_cpus, num_gpus)

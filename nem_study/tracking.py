@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 import subprocess
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -72,6 +74,12 @@ def ensure_reachable(uri: str, timeout_s: float = 5.0) -> None:
                          f"({type(e).__name__}: {first})") from None
 
 
+def find_experiment(uri: str, name: str) -> str | None:
+    """The id of experiment ``name``, None if there is none (nothing is created)."""
+    experiment = _client(uri).get_experiment_by_name(name)
+    return experiment.experiment_id if experiment is not None else None
+
+
 def get_experiment(uri: str, name: str, artifact_location: str | None) -> str:
     """The id of experiment ``name``, created (with its artifact folder) if absent."""
     client = _client(uri)
@@ -124,6 +132,19 @@ def find_parent(uri: str, experiment_id: str, study_name: str) -> str | None:
         [experiment_id], filter_string=f"tags.`{STUDY_TAG}` = '{study_name}' and tags.`nem_study.kind` = 'study'",
         order_by=["attributes.start_time DESC"], max_results=1)
     return runs[0].info.run_id if runs else None
+
+
+def study_as_started(uri: str, run_id: str) -> dict[str, Any] | None:
+    """The resolved study a parent run started with (``study_resolved.yaml``), None if absent."""
+    import yaml
+
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one small file, no bar on stderr
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            path = _client(uri).download_artifacts(run_id, "study_resolved.yaml", tmp)
+        except Exception:  # MLflow raises its own errors for a missing artifact, by store
+            return None
+        return yaml.safe_load(Path(path).read_text())
 
 
 def reopen_parent(uri: str, run_id: str) -> None:

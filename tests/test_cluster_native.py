@@ -24,7 +24,6 @@ import os
 import pwd
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -32,6 +31,7 @@ import time
 from pathlib import Path
 
 import pytest
+from services import free_port, http_ok
 
 pytestmark = pytest.mark.slow
 
@@ -45,12 +45,6 @@ EPOCHS = 8  # a few seconds per trial: the second node dies after its trial's se
 # the node's CPU until the GCS declares it dead: after this many failed health checks this far
 # apart (Ray's defaults: 5, 3 s). A killed raylet fails each check at once.
 HEALTH_CHECK = {"RAY_health_check_period_ms": "1000", "RAY_health_check_failure_threshold": "3"}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _pg_bin() -> Path | None:
@@ -139,16 +133,6 @@ def _wait(what: str, ready, timeout: float, logs: list[Path]) -> None:
     raise AssertionError(f"{what} not ready after {timeout:.0f} s\n{tails}")
 
 
-def _http_ok(url: str) -> bool:
-    import urllib.request
-
-    try:
-        with urllib.request.urlopen(url, timeout=3) as r:
-            return r.status == 200
-    except OSError:
-        return False
-
-
 @pytest.fixture(scope="module")
 def cluster():
     """PostgreSQL, MLflow, a two-node Ray cluster, and the study submitted to it (once)."""
@@ -175,7 +159,7 @@ def cluster():
     if as_postgres:
         shutil.chown(pg_data, "postgres")
         shutil.chown(pg_sock, "postgres")
-    pg_port, mlflow_port, gcs_port, dashboard_port = (_free_port() for _ in range(4))
+    pg_port, mlflow_port, gcs_port, dashboard_port = (free_port() for _ in range(4))
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
     env.update(PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}", OMP_NUM_THREADS="1", RAY_AUTH_MODE="disabled",
                RAY_USAGE_STATS_ENABLED="0", NEM_DATA_DIR=str(shared / "data"),
@@ -210,7 +194,7 @@ def cluster():
         start("mlflow", [str(BIN / "mlflow"), "server", "--backend-store-uri", backend,
                          "--artifacts-destination", str(root / "mlartifacts"), "--serve-artifacts",
                          "--host", "127.0.0.1", "--port", str(mlflow_port), "--workers", "1"])
-        _wait("the MLflow server", lambda: _http_ok(f"http://127.0.0.1:{mlflow_port}/health"), 240,
+        _wait("the MLflow server", lambda: http_ok(f"http://127.0.0.1:{mlflow_port}/health"), 240,
               [logs["mlflow"]])
 
         # A Ray head and a second node, one CPU each. On one machine they need their own agent
@@ -218,12 +202,12 @@ def cluster():
         common = ["--block", "--node-ip-address=127.0.0.1", "--num-cpus=1", "--num-gpus=0",
                   "--object-store-memory=100000000", "--disable-usage-stats"]
         start("ray-head", [str(BIN / "ray"), "start", "--head", f"--port={gcs_port}", "--dashboard-host=127.0.0.1",
-                           f"--dashboard-port={dashboard_port}", f"--dashboard-agent-listen-port={_free_port()}",
-                           f"--ray-client-server-port={_free_port()}", f"--temp-dir={root / 'r0'}", *common])
+                           f"--dashboard-port={dashboard_port}", f"--dashboard-agent-listen-port={free_port()}",
+                           f"--ray-client-server-port={free_port()}", f"--temp-dir={root / 'r0'}", *common])
         dashboard = f"http://127.0.0.1:{dashboard_port}"
-        _wait("the Ray head", lambda: _http_ok(f"{dashboard}/api/version"), 240, [logs["ray-head"]])
+        _wait("the Ray head", lambda: http_ok(f"{dashboard}/api/version"), 240, [logs["ray-head"]])
         worker = start("ray-worker", [str(BIN / "ray"), "start", f"--address=127.0.0.1:{gcs_port}",
-                                      f"--dashboard-agent-listen-port={_free_port()}", f"--temp-dir={root / 'r1'}",
+                                      f"--dashboard-agent-listen-port={free_port()}", f"--temp-dir={root / 'r1'}",
                                       *common])
         from ray.util.state import list_actors, list_nodes
 
@@ -401,7 +385,7 @@ async def _mlflow_ui_lists(url: str, parent_run_id: str, names: list[str], scree
     """
     import aiohttp
 
-    port = _free_port()
+    port = free_port()
     profile = tempfile.mkdtemp(prefix="nem-chromium-")
     browser = subprocess.Popen(
         [shutil.which("chromium") or "chromium", "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
