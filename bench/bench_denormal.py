@@ -40,7 +40,9 @@ def main() -> None:
 
     from nem_study import data
     from nem_study.model import NEM
-    from nem_study.train import corrupt, gamma0_noise, load_checkpoint, to_steps, train_step
+    from nem_study.batches import corrupt, gamma0_noise, to_steps
+    from nem_study.checkpoints import load_checkpoint
+    from nem_study.step import train_step
 
     torch.set_num_threads(args.threads)
     ckpt = load_checkpoint(args.checkpoint)

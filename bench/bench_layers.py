@@ -45,7 +45,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_train import NetworkStep, matmul_peak  # noqa: E402
 from nem_study.config import RunConfig  # noqa: E402
-from nem_study.model import UpConv  # noqa: E402
+from nem_study.networks import UpConv  # noqa: E402
 
 N = 192  # batch 64 x K = 3
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}

@@ -55,7 +55,8 @@ def ensemble_rate(n: int, seconds: float, device: str, precision: str, batch: in
     from nem_study.config import RunConfig
     from nem_study.ensemble import Stack
     from nem_study.model import NEM
-    from nem_study.train import GraphedStep, corrupt, to_steps
+    from nem_study.batches import corrupt, to_steps
+    from nem_study.step import GraphedStep
 
     cfg = RunConfig.model_validate({"data": {"name": "flying_shapes"}})
     dev = torch.device(device)

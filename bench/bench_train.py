@@ -30,9 +30,10 @@ import time
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from nem_study.batches import corrupt, gamma0_noise, to_steps
 from nem_study.config import RunConfig
 from nem_study.model import NEM
-from nem_study.train import GraphedStep, autocast, corrupt, gamma0_noise, to_steps, train_step
+from nem_study.step import GraphedStep, autocast, train_step
 
 SETUPS = {
     "static shapes, N-EM": {"data": {"name": "static_shapes"}, "model": {"kind": "nem"}},

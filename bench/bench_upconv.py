@@ -19,7 +19,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from nem_study.config import RunConfig
-from nem_study.model import NEM, UpConv
+from nem_study.model import NEM
+from nem_study.networks import UpConv
 
 
 class PlainUpConv(nn.Module):

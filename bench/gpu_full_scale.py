@@ -38,7 +38,7 @@ def cmd_env(path: str) -> int:
 def cmd_prior(ckpt: str) -> int:
     """The last epoch of a checkpoint and the seconds its epochs took (the trainer's time
     budget counts them: a resumed run must get a budget of these plus the new seconds)."""
-    from nem_study.train import load_checkpoint
+    from nem_study.checkpoints import load_checkpoint
 
     c = load_checkpoint(ckpt)
     print(c["epoch"], round(sum(m["epoch_seconds"] for m in c["history"]), 3))
@@ -54,7 +54,7 @@ def _read_json(path: Path) -> dict | None:
 
 def run_summary(work: Path, name: str, device: str | None) -> tuple[dict, dict]:
     """(the run's line in summary.json, its metrics for metrics.json)."""
-    from nem_study.train import load_checkpoint
+    from nem_study.checkpoints import load_checkpoint
 
     d = work / name
     part = _read_json(d / "part.json") or {}       # rc, wall_s, time_budget_s, from the shell

@@ -33,8 +33,9 @@ from torch import nn  # noqa: E402
 from torch.profiler import ProfilerActivity, profile, record_function  # noqa: E402
 
 from bench.bench_train import DTYPES, Step, matmul_peak, step_flops  # noqa: E402
-from nem_study import data, model, train  # noqa: E402
+from nem_study import batches, checkpoints, data, evaluate, model, train  # noqa: E402
 from nem_study.config import RunConfig  # noqa: E402
+from nem_study.step import resolve_precision  # noqa: E402
 
 # Op kinds for the backward pass and the optimiser (substrings of aten op names).
 KINDS = [("conv", ("conv",)), ("matmul / linear", ("addmm", "mm", "linear")),
@@ -116,11 +117,11 @@ def fit_parts() -> list[tuple[str, object]]:
     from nem_study import metrics
     from nem_study.data.store import Split
 
-    return [("data reads (Split.batch)", Split.batch), ("noise (corrupt)", train.corrupt),
+    return [("data reads (Split.batch)", Split.batch), ("noise (corrupt)", batches.corrupt),
             ("forward (every NEM.forward, also in evaluate)", model.NEM.forward), ("backward", torch.Tensor.backward),
-            ("Adam step", torch.optim.Adam.step), ("validation + test (evaluate)", train.evaluate),
+            ("Adam step", torch.optim.Adam.step), ("validation + test (evaluate)", evaluate.evaluate),
             ("of which AMI", metrics.ami_matrix), ("of which BCE bound", metrics.bce_upper_bound),
-            ("checkpoints (save_checkpoint)", train.save_checkpoint)]
+            ("checkpoints (save_checkpoint)", checkpoints.save_checkpoint)]
 
 
 def fit_profile(cfg: RunConfig) -> None:
@@ -153,7 +154,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=5)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    precision = train.resolve_precision(args.precision, torch.device("cpu"))
+    precision = resolve_precision(args.precision, torch.device("cpu"))
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
           f"torch threads {args.threads}; torch {torch.__version__}, python {platform.python_version()}")
     cfg = RunConfig.model_validate({"data": {"name": "flying_shapes"}, "train": {"precision": precision}})

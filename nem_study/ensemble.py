@@ -23,11 +23,14 @@ import numpy as np
 import torch
 from torch.func import functional_call, stack_module_state, vmap
 
+from nem_study.batches import corrupt, gamma0_noise, to_steps
+from nem_study.checkpoints import load_checkpoint, save_checkpoint
 from nem_study.config import InputError, RunConfig
 from nem_study.data import Split
+from nem_study.evaluate import evaluate
 from nem_study.model import NEM
-from nem_study.train import (autocast, corrupt, evaluate, gamma0_noise, load_checkpoint, pick_device,
-                             progress_bar, resolve_precision, save_checkpoint, to_steps)
+from nem_study.step import autocast, pick_device, resolve_precision
+from nem_study.train import progress_bar
 
 # report({member index: that member's epoch metrics}, checkpoint root) once per epoch
 EnsembleReport = Callable[[dict[int, dict[str, Any]], Path | None], None]

@@ -13,8 +13,9 @@ into the batch: every network sees ``B * K`` images. Shapes below use B batch, K
 C channels (1), H x W pixels, D = C * H * W, Z the recurrent size.
 
 Initialisation and normalisation follow the authors' TF 1 code by default (§3: ``init: tf``,
-``layer_norm_affine: channel``, ``layer_norm_eps: 1e-12``, no input std floor; see ``tf_init_``);
-PyTorch's layer defaults remain selectable and give the weights this module gave before.
+``layer_norm_affine: channel``, ``layer_norm_eps: 1e-12``, no input std floor); the encoders
+and decoders and that initialisation live in ``nem_study.networks``. PyTorch's layer defaults
+remain selectable and give the same weights as before the option existed.
 """
 
 from __future__ import annotations
@@ -23,177 +24,12 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from nem_study.config import ModelConfig
+from nem_study.networks import layer_norm, make_networks, tf_init_
 
 EPS = 1e-6  # clip for Bernoulli means (NEM_SPEC.md §2)
-
-
-# ----------------------------------------------------------------------------------------
-# Networks (NEM_SPEC.md §3): linear/conv -> LayerNorm over all non-batch dims -> activation
-
-
-class ChannelLayerNorm(nn.Module):
-    """LayerNorm over (C, H, W) with one gain and one bias per channel (NEM_SPEC.md §3).
-
-    TF slim's ``layer_norm`` on an NHWC tensor: moments over every non-batch dim, the learned
-    affine on the last (channel) axis only. ``nn.LayerNorm((C, H, W))`` would learn one per element.
-    """
-
-    def __init__(self, channels: int, eps: float):
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(channels))           # (C,)
-        self.bias = nn.Parameter(torch.zeros(channels))            # (C,)
-
-    def forward(self, x: Tensor) -> Tensor:
-        y = F.layer_norm(x, x.shape[1:], eps=self.eps)             # (N, C, H, W), no affine
-        return y * self.weight.view(-1, 1, 1) + self.bias.view(-1, 1, 1)
-
-
-def layer_norm(cfg: ModelConfig, shape: tuple[int, ...]) -> nn.Module:
-    """LayerNorm over a layer's output ``shape`` (§3): (features,) after an fc, one gain per
-    feature; (C, H, W) after a conv, one gain per channel or per element (``layer_norm_affine``)."""
-    if len(shape) == 3 and cfg.layer_norm_affine == "channel":
-        return ChannelLayerNorm(shape[0], cfg.layer_norm_eps)
-    return nn.LayerNorm(shape, eps=cfg.layer_norm_eps)
-
-
-def fc(cfg: ModelConfig, n_in: int, n_out: int, act: type[nn.Module] | None, ln: bool = True) -> nn.Sequential:
-    layers: list[nn.Module] = [nn.Linear(n_in, n_out)]
-    if ln:
-        layers.append(layer_norm(cfg, (n_out,)))
-    if act is not None:
-        layers.append(act())
-    return nn.Sequential(*layers)
-
-
-def conv(cfg: ModelConfig, c_in: int, c_out: int, size: int, act: type[nn.Module] | None,
-         ln: bool = True) -> nn.Sequential:
-    """conv 4x4 stride 2 with SAME padding: size -> size / 2."""
-    layers: list[nn.Module] = [nn.Conv2d(c_in, c_out, 4, stride=2, padding=1)]
-    if ln:
-        layers.append(layer_norm(cfg, (c_out, size // 2, size // 2)))
-    if act is not None:
-        layers.append(act())
-    return nn.Sequential(*layers)
-
-
-class UpConv(nn.Module):
-    """Nearest-neighbour upsample x2, then a 4x4 stride-1 conv with TF's SAME padding (§3).
-
-    Computed as one 3x3 conv that outputs the four sub-pixel phases, then a pixel shuffle:
-    the upsampled image repeats each pixel twice, so the 4 taps of every output pixel fall on
-    at most 3 source pixels. Exactly upsample-then-conv (tests/test_model.py checks it against
-    PyTorch's own layers), with no upsampled copy and about half the multiply-adds.
-    """
-
-    # 1-D tap sums per output parity: even rows see (w0, w1 + w2, w3) at source offsets
-    # (-1, 0, +1), odd rows see (0, w0 + w1, w2 + w3).
-    TAPS = ((((1, 0, 0, 0), (0, 1, 1, 0), (0, 0, 0, 1))), (((0, 0, 0, 0), (1, 1, 0, 0), (0, 0, 1, 1))))
-
-    def __init__(self, c_in: int, c_out: int):
-        super().__init__()
-        self.weight = nn.Parameter(torch.empty(c_out, c_in, 4, 4))
-        self.bias = nn.Parameter(torch.empty(c_out))
-        reference = nn.Conv2d(c_in, c_out, 4)  # PyTorch's default initialisation
-        with torch.no_grad():
-            self.weight.copy_(reference.weight)
-            self.bias.copy_(reference.bias)
-        self.register_buffer("taps", torch.tensor(self.TAPS, dtype=torch.float32), persistent=False)
-
-    def kernel(self) -> Tensor:
-        """The four phases' 3x3 kernels as one conv weight, (4 O, I, 3, 3)."""
-        O, I = self.weight.shape[:2]
-        kernel = torch.einsum("paj,qbl,oijl->opqiab", self.taps, self.taps, self.weight)  # (O, 2, 2, I, 3, 3)
-        return kernel.reshape(4 * O, I, 3, 3)
-
-    def forward(self, x: Tensor) -> Tensor:
-        y = F.conv2d(x, self.kernel(), self.bias.repeat_interleave(4), padding=1)  # (B, 4 O, H, W)
-        return F.pixel_shuffle(y, 2)                                # (B, O, 2H, 2W)
-
-
-def up_conv(cfg: ModelConfig, c_in: int, c_out: int, size: int, act: type[nn.Module] | None,
-            ln: bool = True) -> nn.Sequential:
-    """up-conv: size -> 2 size (see UpConv)."""
-    layers: list[nn.Module] = [UpConv(c_in, c_out)]
-    if ln:
-        layers.append(layer_norm(cfg, (c_out, 2 * size, 2 * size)))
-    if act is not None:
-        layers.append(act())
-    return nn.Sequential(*layers)
-
-
-class PerImageStandardize(nn.Module):
-    """(x - mean) / std per image (NEM_SPEC.md §3), flying MNIST's input normalisation.
-
-    ``floor=False``: no floor on std, as the authors' InputNormalizationWrapper (tf.nn.moments).
-    ``floor=True``: std floored at 1/sqrt(D), as tf.image.per_image_standardization.
-    """
-
-    def __init__(self, floor: bool):
-        super().__init__()
-        self.floor = floor
-
-    def forward(self, x: Tensor) -> Tensor:
-        flat = x.flatten(1)                                        # (N, D)
-        centred = flat - flat.mean(1, keepdim=True)                # (N, D)
-        std = centred.square().mean(1, keepdim=True).sqrt()        # (N, 1)
-        # Without the floor, clamp at the smallest normal float: a no-op for every std > 0 (the
-        # square root of the smallest positive variance is ~1e-23 in fp32), but an all-equal
-        # image (centred = 0, std = 0) gives 0 where the authors' 0 / 0 gave NaN.
-        floor = 1.0 / math.sqrt(flat.shape[1]) if self.floor else torch.finfo(std.dtype).tiny
-        return (centred / std.clamp_min(floor)).view_as(x)
-
-
-def make_networks(cfg: ModelConfig, image_size: int) -> tuple[nn.Module, int, nn.Module]:
-    """(encoder, encoder output size, decoder) of the data set's network (§3 table)."""
-    S, Z = image_size, cfg.hidden
-    if cfg.network == "static_fc":
-        D = S * S
-        return nn.Flatten(), D, nn.Sequential(nn.Linear(Z, D), nn.Unflatten(1, (1, S, S)))
-    if cfg.network == "flying_shapes_conv":
-        s4 = S // 4
-        encoder = nn.Sequential(                                   # (N, 1, S, S) -> (N, 512)
-            conv(cfg, 1, 32, S, nn.ELU), conv(cfg, 32, 64, S // 2, nn.ELU),
-            nn.Flatten(), fc(cfg, 64 * s4 * s4, 512, nn.ELU))
-        decoder = nn.Sequential(                                   # (N, Z) -> (N, 1, S, S)
-            fc(cfg, Z, 512, nn.ReLU), fc(cfg, 512, 64 * s4 * s4, nn.ReLU), nn.Unflatten(1, (64, s4, s4)),
-            up_conv(cfg, 64, 32, s4, nn.ReLU), up_conv(cfg, 32, 1, S // 2, None, ln=False))
-        return encoder, 512, decoder
-    if cfg.network == "flying_mnist_conv":
-        s8 = S // 8
-        encoder = nn.Sequential(                                   # (N, 1, S, S) -> (N, 512)
-            PerImageStandardize(cfg.input_std_floor),
-            conv(cfg, 1, 32, S, nn.ELU), conv(cfg, 32, 64, S // 2, nn.ELU), conv(cfg, 64, 128, S // 4, nn.ELU),
-            nn.Flatten(), fc(cfg, 128 * s8 * s8, 512, nn.ELU))
-        decoder = nn.Sequential(                                   # (N, Z) -> (N, 1, S, S)
-            fc(cfg, Z, 512, nn.ReLU), fc(cfg, 512, 128 * s8 * s8, nn.ReLU), nn.Unflatten(1, (128, s8, s8)),
-            up_conv(cfg, 128, 64, s8, nn.ReLU), up_conv(cfg, 64, 32, S // 4, nn.ReLU),
-            up_conv(cfg, 32, 1, S // 2, None, ln=False))
-        return encoder, 512, decoder
-    raise ValueError(f"unknown network {cfg.network!r}")
-
-
-def tf_init_(module: nn.Module) -> None:
-    """Re-draw every fc and conv weight glorot-uniform and zero every bias, in place: the TF 1
-    defaults of the authors' layers (slim's and get_variable's), NEM_SPEC.md §3.
-
-    Why here and not in the builders: the layers are built with PyTorch's own initialisation,
-    which ``init: torch`` keeps draw for draw (the same seed gives the same weights as before the
-    option existed); ``init: tf`` re-draws them all in this one place. The cells then set the two
-    parameters TF drew differently: RNN-EM's W_x / W_h (one joined range) and N-EM's step size.
-    Glorot's fans of a conv weight (O, I, kh, kw), UpConv's included, are I*kh*kw and O*kh*kw,
-    as TF's. LayerNorm gains start at 1 and biases at 0 under both inits.
-    """
-    with torch.no_grad():
-        for m in module.modules():
-            if isinstance(m, (nn.Linear, nn.Conv2d, UpConv)):
-                nn.init.xavier_uniform_(m.weight)                  # U(-a, a), a = sqrt(6 / (fan_in + fan_out))
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
 
 
 # ----------------------------------------------------------------------------------------
@@ -315,6 +151,16 @@ class NEM(nn.Module):
         out = out.float()  # keep the likelihoods in fp32 under autocast
         return torch.sigmoid(out) if self.cfg.pixel == "bernoulli" else out
 
+    def m_step(self, delta: Tensor, h: Tensor) -> tuple[Tensor, Tensor]:
+        """theta_k, psi_k <- cell(input_k, theta_k) (§1.2): N-EM's gradient step or RNN-EM's cell,
+        all K components at once (folded into the batch).
+
+        delta: (B, K, C, H, W) the inputs gamma_k (x_tilde - psi_k);  h: (B*K, Z) the states
+        """
+        B, k = delta.shape[:2]
+        h, out = self.cell(delta.flatten(0, 1), h)                # (B*K, Z), (B*K, C, H, W)
+        return h, self.pixel_params(out).view(B, k, *out.shape[1:])  # (B*K, Z), (B, K, C, H, W)
+
     def init_state(self, x: Tensor, k: int, generator: torch.Generator | None = None, noise: Tensor | None = None):
         """h = 0, psi_0 = 0 or the per-image median, gamma_0 = |N(0, 1)| normalised over K (§1).
 
@@ -345,7 +191,7 @@ class NEM(nn.Module):
         """
         cfg = self.cfg
         k = k or cfg.k
-        T, B = inputs.shape[:2]
+        T = inputs.shape[0]
         sign = 1.0 if cfg.input_sign == "x_minus_psi" else -1.0
         h, psi, gamma = self.init_state(inputs[0], k, generator, noise)
         intra, inter, gammas, psis = [], [], [], []
@@ -353,8 +199,7 @@ class NEM(nn.Module):
             g = gamma.detach() if cfg.gamma_gradient == "stop" else gamma
             x_tilde = inputs[t].unsqueeze(1)                          # (B, 1, C, H, W)
             delta = g * sign * (x_tilde - psi)                        # (B, K, C, H, W)
-            h, out = self.cell(delta.flatten(0, 1), h)                # (B*K, Z), (B*K, C, H, W)
-            psi = self.pixel_params(out).view(B, k, *out.shape[1:])   # (B, K, C, H, W)
+            h, psi = self.m_step(delta, h)                            # (B*K, Z), (B, K, C, H, W)
             gamma = e_step(targets[t], psi, cfg.pixel, cfg.e_sigma)   # (B, K, C, H, W)
             g = gamma.detach() if cfg.gamma_gradient == "stop" else gamma
             l_intra, l_inter = em_loss(targets[t], psi, g, cfg)

@@ -12,7 +12,7 @@ import sys
 from itertools import accumulate
 
 from nem_study.plots import _pyplot, _save
-from nem_study.train import load_checkpoint
+from nem_study.checkpoints import load_checkpoint
 
 
 def main(out: str, runs: list[str]) -> None:

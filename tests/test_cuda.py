@@ -7,9 +7,11 @@ import pytest
 import torch
 
 from conftest import make_splits
+from nem_study.batches import corrupt, gamma0_noise, to_steps
 from nem_study.config import RunConfig
 from nem_study.model import NEM
-from nem_study.train import GraphedStep, corrupt, fit, gamma0_noise, to_steps, train_step
+from nem_study.step import GraphedStep, train_step
+from nem_study.train import fit
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 

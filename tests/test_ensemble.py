@@ -7,9 +7,10 @@ import math
 import pytest
 import torch
 
+from nem_study.checkpoints import load_checkpoint
 from nem_study.config import InputError, RunConfig
 from nem_study.ensemble import fit_ensemble
-from nem_study.train import fit, load_checkpoint
+from nem_study.train import fit
 
 from conftest import make_splits
 

@@ -22,9 +22,9 @@ import torch
 
 from nem_study import data
 from nem_study.capacity import DiskFull, cache_bytes
+from nem_study.checkpoints import load_checkpoint, save_checkpoint
 from nem_study.config import DataConfig, RunConfig
 from nem_study.data import store
-from nem_study.train import load_checkpoint, save_checkpoint
 
 ENV = os.environ | {"OMP_NUM_THREADS": "1"}
 BIG = 8 << 20  # floats in the checkpoint the killed writer saves: 32 MB, so a write takes a while
@@ -68,7 +68,7 @@ def test_checkpoint_survives_kill_mid_write(tmp_path):
               "from pathlib import Path\n"
               f"sys.path.insert(0, {str(Path(__file__).parent)!r})\n"
               "from test_faults import BIG, state\n"
-              "from nem_study.train import save_checkpoint\n"
+              "from nem_study.checkpoints import save_checkpoint\n"
               "path = Path(sys.argv[1])\n"
               "save_checkpoint(path, **state(0, 10))\n"
               "Path(sys.argv[2]).touch()\n"

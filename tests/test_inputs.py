@@ -22,9 +22,9 @@ import pytest
 import torch
 
 from nem_study import capacity, cli, data, inputs
+from nem_study.checkpoints import load_checkpoint, save_checkpoint
 from nem_study.config import InputError, RunConfig, apply_overrides, load_data_config
 from nem_study.data import mnist as mnist_mod
-from nem_study.train import load_checkpoint, save_checkpoint
 
 # An answer "within seconds" on a loaded 2-core machine: a bad YAML file (read before torch is
 # imported) in FAST_S; a check that needs torch imported first (checkpoints, train's sizes) in TORCH_S.

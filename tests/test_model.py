@@ -154,7 +154,7 @@ def test_up_conv_equals_upsample_then_same_padded_conv():
     """UpConv's sub-pixel form against PyTorch's upsample + TF-SAME-padded 4x4 conv."""
     from torch.nn import functional as F
 
-    from nem_study.model import UpConv
+    from nem_study.networks import UpConv
 
     torch.manual_seed(0)
     layer = UpConv(5, 3).double()
@@ -178,7 +178,8 @@ def test_up_conv_equals_upsample_then_same_padded_conv():
 def test_bf16_autocast_gives_the_fp32_loss_and_gradients_within_tolerance(name, init):
     """train.precision = bf16: the same loss within 1e-2 relative, gradients within 5e-2
     relative (norm of the difference) and pointing the same way (cosine > 0.999)."""
-    from nem_study.train import autocast, corrupt, to_steps
+    from nem_study.batches import corrupt, to_steps
+    from nem_study.step import autocast
 
     cfg = cfg_for(name, k=2, init=init)
     S = cfg.data.image_size
@@ -205,7 +206,7 @@ def test_bf16_autocast_gives_the_fp32_loss_and_gradients_within_tolerance(name, 
 
 def test_precision_auto_is_bf16_only_on_a_cpu_with_native_bf16():
     """The fast path is the default where it was measured faster, and fp32/bf16 switch it."""
-    from nem_study.train import resolve_precision
+    from nem_study.step import resolve_precision
 
     cpu = torch.device("cpu")
     native = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
@@ -218,7 +219,7 @@ def test_precision_auto_is_bf16_only_on_a_cpu_with_native_bf16():
 def test_compiled_cell_gives_the_eager_loss_and_gradients():
     """train.compile: torch.compile of the M-step cell changes the speed, not the numbers
     (loss within 1e-5 relative, gradients within 1e-4 of their norm); checkpoint keys unchanged."""
-    from nem_study.train import corrupt, to_steps
+    from nem_study.batches import corrupt, to_steps
 
     cfg = cfg_for("static_shapes", k=3)
     torch.manual_seed(0)
@@ -267,7 +268,7 @@ def assert_uniform(w, limit, name):
 
 @pytest.mark.parametrize("name", [n for n, _, _ in RNN_NETWORKS])
 def test_tf_init_draws_every_fc_and_conv_weight_glorot_uniform_and_every_bias_zero(name):
-    from nem_study.model import UpConv
+    from nem_study.networks import UpConv
 
     cfg, model = build(name)
     assert cfg.init == "tf"  # the default
@@ -307,7 +308,7 @@ def test_tf_init_draws_the_rnn_input_and_recurrent_weights_from_one_joined_gloro
 
 @pytest.mark.parametrize("name", ["flying_shapes", "flying_mnist"])
 def test_layer_norm_after_a_conv_has_one_gain_per_channel_and_every_eps_is_tf_slims(name):
-    from nem_study.model import ChannelLayerNorm, UpConv
+    from nem_study.networks import ChannelLayerNorm, UpConv
 
     cfg, model = build(name)
     assert cfg.layer_norm_affine == "channel" and cfg.layer_norm_eps == 1e-12
@@ -332,7 +333,7 @@ def test_layer_norm_after_a_conv_has_one_gain_per_channel_and_every_eps_is_tf_sl
 
 
 def test_channel_layer_norm_normalises_over_chw_with_a_per_channel_affine():
-    from nem_study.model import ChannelLayerNorm
+    from nem_study.networks import ChannelLayerNorm
 
     torch.manual_seed(0)
     norm = ChannelLayerNorm(3, 1e-12).double()
@@ -368,7 +369,7 @@ def test_nem_step_size_is_glorot_uniform_under_tf_and_one_under_torch():
 
 
 def test_flying_mnist_standardises_each_image_with_no_std_floor_by_default():
-    from nem_study.model import PerImageStandardize
+    from nem_study.networks import PerImageStandardize
 
     cfg, model = build("flying_mnist")
     norm = model.cell.encoder[0]

@@ -6,11 +6,12 @@ import numpy as np
 import pytest
 import torch
 
+from nem_study.checkpoints import LEGACY_CHOICES, load_checkpoint, load_model, save_checkpoint
 from nem_study.config import InputError, RunConfig
 from nem_study.data import Split
+from nem_study.evaluate import evaluate
 from nem_study.model import NEM
-from nem_study.train import (LEGACY_CHOICES, NonFiniteLoss, evaluate, fit, load_checkpoint, load_model,
-                             save_checkpoint)
+from nem_study.train import NonFiniteLoss, fit
 
 from conftest import make_splits
 
@@ -160,7 +161,7 @@ def test_truncated_checkpoint_is_a_clear_input_error(tmp_path):
 
 
 def test_component_shares_sorts_each_images_shares():
-    from nem_study.train import component_shares
+    from nem_study.evaluate import component_shares
 
     pred = np.array([[[0, 0, 1, 2]], [[1, 1, 1, 1]]])           # (B=2, H=1, W=4)
     valid = np.array([[[True, True, True, False]], [[True, True, False, False]]])
