@@ -1,6 +1,7 @@
 """Reports on finished studies: MLflow runs -> tables (Markdown, LaTeX, CSV) and figures.
 
-Kept light on purpose (no torch, no Ray, no ``nem_study``): it reads only what the study wrote
+Kept light on purpose (no torch, no Ray; of ``nem_study`` only ``nem_study.contract``, the tag
+and artifact names the study writes by, standard library only): it reads only what the study wrote
 to MLflow, so a report starts in seconds and runs wherever the tracking store is reachable.
 ``nem-study report`` calls ``analysis.report.make_report``.
 """

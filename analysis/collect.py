@@ -1,7 +1,7 @@
 """MLflow -> one tidy table: a row per trial (child run) of a study.
 
 A study is found by its YAML file, its name or its parent run id (see ``find_study``); the
-contract it was written with is ``nem_study/tracking.py``. Runs are kept whatever their status:
+contract it was written with is ``nem_study/contract.py`` (standard library only: no torch, no Ray). Runs are kept whatever their status:
 a failed or unfinished trial is a row like any other, so the report can count it.
 
 Columns of the table (``collect_runs``):
@@ -29,12 +29,10 @@ import pandas as pd
 import yaml
 
 from analysis import ReportError
+from nem_study import contract
+from nem_study.contract import (AMI_PER_STEP, CELL_TAG, DEFAULT_URI, EVALUATIONS, GROUPINGS, KIND_TAG, PARENT_TAG,
+                                SEED_TAG, STUDY_TAG, resolve_uri)
 
-DEFAULT_URI = "sqlite:///mlflow.db"   # the study schema's default (nem_study/config.py)
-PARENT_TAG = "mlflow.parentRunId"
-STUDY_TAG = "nem_study.study"
-KIND_TAG = "nem_study.kind"
-CELL_TAG = "nem_study.cell"
 CURVES = ("valid_loss", "valid_ami")   # the per-epoch histories the report draws
 
 
@@ -59,36 +57,19 @@ class Study:
         return grid if isinstance(grid, dict) else {}
 
 
-def resolve_uri(uri: str) -> str:
-    """Relative SQLite paths and plain folders are taken relative to the current directory."""
-    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
-        return "sqlite:///" + str(Path(uri.removeprefix("sqlite:///")).resolve())
-    if "://" not in uri:
-        return Path(uri).resolve().as_uri()
-    return uri
-
-
 def connect(uri: str):
     """An ``MlflowClient`` for ``uri``, or a ``ReportError`` saying why the store is not usable.
 
     A missing SQLite file is an error here: the client would silently create an empty store.
     HTTP servers get one short probe, because the client retries for minutes before it fails.
     """
-    import mlflow
-
     if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
         raise ReportError(f"tracking URI {uri}: no MLflow database at {uri.removeprefix('sqlite:///')}")
     if uri.startswith("file://") and not Path(uri.removeprefix("file://")).is_dir():
         raise ReportError(f"tracking URI {uri}: no MLflow store in that folder")
-    if uri.startswith(("http://", "https://")):
-        import requests
-
-        try:
-            requests.get(uri, timeout=5)
-        except requests.RequestException as e:
-            raise ReportError(f"tracking URI {uri}: the MLflow server is not reachable ({type(e).__name__})") \
-                from None
-    client = mlflow.MlflowClient(tracking_uri=uri)
+    if (why := contract.http_unreachable(uri)) is not None:
+        raise ReportError(f"tracking URI {uri}: the MLflow server is not reachable ({why})")
+    client = contract.client(uri)
     try:
         client.search_experiments(max_results=1)
     except Exception as e:
@@ -181,14 +162,14 @@ def _row(client, run, tmp: Path) -> dict[str, Any]:
     tags, metrics = run.data.tags, run.data.metrics
     row: dict[str, Any] = {
         "run_id": run.info.run_id, "trial": tags.get("nem_study.trial", run.info.run_name),
-        "seed": _int(tags.get("nem_study.seed")), "cell": _cell_json(tags.get(CELL_TAG)),
+        "seed": _int(tags.get(SEED_TAG)), "cell": _cell_json(tags.get(CELL_TAG)),
         "status": run.info.status, "stop_reason": tags.get("stop_reason"),
         "failure_reason": tags.get("failure_reason"),
     }
     row.update(run.data.params)
     row.update(metrics)
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
-    per_step = _load_json(client, run.info.run_id, "ami_per_step.json", artifacts, tmp) or {}
+    per_step = _load_json(client, run.info.run_id, AMI_PER_STEP, artifacts, tmp) or {}
     if not per_step.get("test_ami") and "test_ami_step" in metrics:   # the metric history instead
         history = sorted(client.get_metric_history(run.info.run_id, "test_ami_step"), key=lambda m: m.step)
         per_step = {"test_ami": [m.value for m in history]}
@@ -196,11 +177,11 @@ def _row(client, run, tmp: Path) -> dict[str, Any]:
     row["ami_q25_per_step"] = list(per_step.get("test_ami_q25") or [])
     row["ami_q75_per_step"] = list(per_step.get("test_ami_q75") or [])
     row["bce_per_step"] = list(per_step.get("test_bce_bound") or [])
-    row["evaluations"] = _evaluations(_load_json(client, run.info.run_id, "evaluations.json", artifacts, tmp),
+    row["evaluations"] = _evaluations(_load_json(client, run.info.run_id, EVALUATIONS, artifacts, tmp),
                                       metrics)
     row["curves"] = {name: {m.step: m.value for m in client.get_metric_history(run.info.run_id, name)}
                      for name in CURVES if name in metrics}
-    row["has_groupings"] = "groupings.png" in artifacts
+    row["has_groupings"] = GROUPINGS in artifacts
     return row
 
 

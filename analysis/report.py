@@ -27,6 +27,7 @@ from analysis import aggregate, figures
 from analysis.aggregate import by_cell, counts
 from analysis.collect import Study, cell_label, collect_runs, download, find_study
 from analysis.tables import Table, all_tables
+from nem_study.contract import GROUPINGS
 
 CONVENTIONS = ("Numbers are the mean ± sample standard deviation (ddof = 1) over seeds, of finished runs "
                "only; \"± –\" where one run finished. within: |ours − paper| ≤ std_ours + std_paper "
@@ -107,7 +108,7 @@ def _groupings(runs: pd.DataFrame, client: Any, folder: Path) -> dict[str, Path]
             label = cell_label(cell)
             path = folder / f"{_slug(label)}.png"
             folder.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(download(client, run["run_id"], "groupings.png", Path(tmp) / run["run_id"]), path)
+            shutil.copyfile(download(client, run["run_id"], GROUPINGS, Path(tmp) / run["run_id"]), path)
             panels[f"{label} (trial {run['trial']})"] = path
     return panels
 

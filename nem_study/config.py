@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError,
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from nem_study import inputs
+from nem_study.contract import DEFAULT_URI
 from nem_study.inputs import InputError  # defined with the guarded reader; imported from here too
 
 DataName = Literal["static_shapes", "flying_shapes", "flying_mnist"]
@@ -321,7 +322,7 @@ class StopConfig(Strict):
 
 
 class TrackingConfig(Strict):
-    uri: str = Field("sqlite:///mlflow.db", min_length=1, description="MLflow tracking URI")
+    uri: str = Field(DEFAULT_URI, min_length=1, description="MLflow tracking URI")
     experiment: str | None = Field(None, min_length=1, description="MLflow experiment (default: the study name)")
     artifact_location: str | None = Field(
         None, min_length=1, description="where a new experiment stores artifacts (default: ./mlartifacts "

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from nem_study import tracking
+from nem_study import contract, tracking
 from nem_study.config import (InputError, RunConfig, SpaceConfig, StudyConfig, TrialSpec, cell_name,
                               expand_trials, sampled_name)
 
@@ -378,7 +378,7 @@ def _result_names(trials: list[TrialSpec], study: StudyConfig, result: Any) -> l
 
 def storage_path(study: StudyConfig) -> str:
     """Where Tune keeps the study: a local folder (made absolute) or a URI such as ``s3://b/x``."""
-    return study.storage if tracking.has_scheme(study.storage) else str(Path(study.storage).resolve())
+    return study.storage if contract.has_scheme(study.storage) else str(Path(study.storage).resolve())
 
 
 def _join(storage: str, name: str) -> str:
@@ -424,7 +424,7 @@ def driver_lock(study: StudyConfig) -> Iterator[None]:
     from nem_study import data
 
     storage = storage_path(study)
-    folder = data.data_dir() / "locks" if tracking.has_scheme(storage) else Path(storage)
+    folder = data.data_dir() / "locks" if contract.has_scheme(storage) else Path(storage)
     try:
         folder.mkdir(parents=True, exist_ok=True)
         f = open(folder / f".{_safe(study.name)}.lock", "a+")
@@ -493,7 +493,7 @@ def run_study(study: StudyConfig, study_yaml: str | Path, address: str | None = 
         raise InputError(f"study {study.name!r}: nothing to resume in {_join(storage, experiments[0].name)} "
                          "(no Tune experiment state there; start the study with `nem-study run`)")
     check_address(address)  # before anything is written
-    uri = tracking.resolve_uri(study.tracking.uri)
+    uri = contract.resolve_uri(study.tracking.uri)
     tracking.ensure_reachable(uri)  # before any trial starts
     parent_run_id = None
     if resume:
@@ -553,7 +553,7 @@ def _drive(study: StudyConfig, study_yaml: str | Path, trials: list[TrialSpec], 
         tracking.end_parent(uri, parent_run_id, len(result.finished), len(result.failed), interrupted=True)
         return result
     for run in tracking.child_runs(uri, parent_run_id):
-        name = run.data.tags.get(tracking.TRIAL_TAG, run.info.run_name)
+        name = run.data.tags.get(contract.TRIAL_TAG, run.info.run_name)
         if run.info.status == "FAILED" and name in result.finished:  # an ensemble member that failed alone
             result.finished.remove(name)
             result.failed[name] = run.data.tags.get("failure_reason", "failed")[:300]
@@ -566,7 +566,7 @@ def _drive(study: StudyConfig, study_yaml: str | Path, trials: list[TrialSpec], 
             if name in result.finished:
                 result.finished.remove(name)
         ami = run.data.metrics.get("test_ami")
-        cell = run.data.tags.get("nem_study.cell", "{}")
+        cell = run.data.tags.get(contract.CELL_TAG, "{}")
         if run.info.status == "FINISHED" and ami is not None:
             result.best_test_ami[cell] = max(ami, result.best_test_ami.get(cell, -1.0))
     tracking.end_parent(uri, parent_run_id, len(result.finished), len(result.failed))

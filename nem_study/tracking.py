@@ -3,8 +3,10 @@
 Everything here is plain MLflow client calls on plain data (dicts, files), so the trial
 function can call it from any Ray worker. The trainer never imports this module.
 
-A tracking URI is resolved once, in the driver: relative SQLite paths and artifact folders
-become absolute, because Ray runs each trial in its own working directory.
+Tag and artifact names, URI resolution and the client come from ``nem_study.contract``, the
+contract the report (``analysis``) reads back with. A tracking URI is resolved once, in the
+driver: relative SQLite paths and artifact folders become absolute, because Ray runs each trial
+in its own working directory.
 """
 
 from __future__ import annotations
@@ -12,40 +14,18 @@ from __future__ import annotations
 import json
 import math
 import os
-import re
 import subprocess
 import tempfile
 from pathlib import Path
 from typing import Any
 
+from nem_study import contract
 from nem_study.config import InputError, RunConfig, StudyConfig, TrialSpec
+from nem_study.contract import (AMI_PER_STEP, CELL_TAG, CHECKPOINT, EVALUATIONS, KIND_TAG, PARENT_TAG, SAMPLED_TAG, SEED_TAG,
+                                STUDY_RESOLVED, STUDY_TAG, TEST_METRICS, TRIAL_TAG, TRIALS,
+                                http_unreachable, resolve_uri)
 
-TRIAL_TAG = "nem_study.trial"        # the trial name, to find a child run again after a restart
-STUDY_TAG = "nem_study.study"        # the study name on its parent run, to find it again on resume
-SAMPLED_TAG = "nem_study.sampled."   # + key: a value sampled by the search
-PARENT_TAG = "mlflow.parentRunId"    # what the MLflow UI nests child runs by
 DESCRIPTIVE = {"test_n", "test_k", "test_steps", "test_static"}
-
-
-def has_scheme(uri: str) -> bool:
-    """``s3://b``, ``http://h``, ``mlflow-artifacts:/x``: a URI, not a local path."""
-    return re.match(r"^[A-Za-z][A-Za-z0-9+.-]+:", uri) is not None
-
-
-def resolve_uri(uri: str) -> str:
-    """``sqlite:///mlflow.db`` -> ``sqlite:////abs/mlflow.db``; plain paths -> ``file://`` URIs;
-    any other URI as it is."""
-    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
-        return "sqlite:///" + str(Path(uri.removeprefix("sqlite:///")).resolve())
-    if not has_scheme(uri):
-        return Path(uri).resolve().as_uri()
-    return uri
-
-
-def _client(uri: str):
-    import mlflow
-
-    return mlflow.MlflowClient(tracking_uri=uri)
 
 
 def ensure_reachable(uri: str, timeout_s: float = 5.0) -> None:
@@ -54,20 +34,15 @@ def ensure_reachable(uri: str, timeout_s: float = 5.0) -> None:
     HTTP servers get one short probe first: the MLflow client itself retries with back-off
     for minutes before it gives up.
     """
-    if uri.startswith(("http://", "https://")):
-        import requests
-
-        try:
-            requests.get(uri, timeout=timeout_s)
-        except requests.RequestException as e:
-            raise InputError(f"tracking.uri {uri}: the MLflow server is not reachable "
-                             f"({type(e).__name__}). Start it (mlflow server ...) or fix the URI.") from None
+    if (why := http_unreachable(uri, timeout_s)) is not None:
+        raise InputError(f"tracking.uri {uri}: the MLflow server is not reachable "
+                         f"({why}). Start it (mlflow server ...) or fix the URI.") from None
     if uri.startswith("sqlite:///"):
         folder = Path(uri.removeprefix("sqlite:///")).parent
         if not folder.is_dir():
             raise InputError(f"tracking.uri {uri}: the folder {folder} does not exist")
     try:
-        _client(uri).search_experiments(max_results=1)
+        contract.client(uri).search_experiments(max_results=1)
     except Exception as e:
         first = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
         raise InputError(f"tracking.uri {uri}: the MLflow tracking store is not usable "
@@ -76,13 +51,13 @@ def ensure_reachable(uri: str, timeout_s: float = 5.0) -> None:
 
 def find_experiment(uri: str, name: str) -> str | None:
     """The id of experiment ``name``, None if there is none (nothing is created)."""
-    experiment = _client(uri).get_experiment_by_name(name)
+    experiment = contract.client(uri).get_experiment_by_name(name)
     return experiment.experiment_id if experiment is not None else None
 
 
 def get_experiment(uri: str, name: str, artifact_location: str | None) -> str:
     """The id of experiment ``name``, created (with its artifact folder) if absent."""
-    client = _client(uri)
+    client = contract.client(uri)
     experiment = client.get_experiment_by_name(name)
     if experiment is not None:
         return experiment.experiment_id
@@ -107,8 +82,8 @@ def start_parent(uri: str, experiment_id: str, study: StudyConfig, study_yaml: s
     """One parent run per study: its name, version, commit, the YAML and the trial list."""
     from importlib.metadata import version
 
-    client = _client(uri)
-    tags = {"nem_study.version": version("nem-study"), "nem_study.kind": "study", STUDY_TAG: study.name}
+    client = contract.client(uri)
+    tags = {"nem_study.version": version("nem-study"), KIND_TAG: "study", STUDY_TAG: study.name}
     commit = git_commit()
     if commit:
         tags["mlflow.source.git.commit"] = commit
@@ -121,15 +96,15 @@ def start_parent(uri: str, experiment_id: str, study: StudyConfig, study_yaml: s
     if study.search is not None:
         client.log_param(run_id, "search", json.dumps(study.search.model_dump(mode="json"))[:6000])
     client.log_artifact(run_id, str(study_yaml))
-    client.log_dict(run_id, study.model_dump(mode="json"), "study_resolved.yaml")  # with --set overrides
-    client.log_dict(run_id, [t.to_json() for t in trials], "trials.json")
+    client.log_dict(run_id, study.model_dump(mode="json"), STUDY_RESOLVED)  # with --set overrides
+    client.log_dict(run_id, [t.to_json() for t in trials], TRIALS)
     return run_id
 
 
 def find_parent(uri: str, experiment_id: str, study_name: str) -> str | None:
     """The latest parent run of study ``study_name`` in the experiment (None if there is none)."""
-    runs = _client(uri).search_runs(
-        [experiment_id], filter_string=f"tags.`{STUDY_TAG}` = '{study_name}' and tags.`nem_study.kind` = 'study'",
+    runs = contract.client(uri).search_runs(
+        [experiment_id], filter_string=f"tags.`{STUDY_TAG}` = '{study_name}' and tags.`{KIND_TAG}` = 'study'",
         order_by=["attributes.start_time DESC"], max_results=1)
     return runs[0].info.run_id if runs else None
 
@@ -141,7 +116,7 @@ def study_as_started(uri: str, run_id: str) -> dict[str, Any] | None:
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one small file, no bar on stderr
     with tempfile.TemporaryDirectory() as tmp:
         try:
-            path = _client(uri).download_artifacts(run_id, "study_resolved.yaml", tmp)
+            path = contract.client(uri).download_artifacts(run_id, STUDY_RESOLVED, tmp)
         except Exception:  # MLflow raises its own errors for a missing artifact, by store
             return None
         return yaml.safe_load(Path(path).read_text())
@@ -149,7 +124,7 @@ def study_as_started(uri: str, run_id: str) -> dict[str, Any] | None:
 
 def reopen_parent(uri: str, run_id: str) -> None:
     """A resumed study runs under its parent again (RUNNING until it ends)."""
-    client = _client(uri)
+    client = contract.client(uri)
     run = client.get_run(run_id)
     client.update_run(run_id, status="RUNNING")
     client.set_tag(run_id, "nem_study.resumes", int(run.data.tags.get("nem_study.resumes", 0)) + 1)
@@ -157,7 +132,7 @@ def reopen_parent(uri: str, run_id: str) -> None:
 
 def end_parent(uri: str, run_id: str, finished: int, failed: int, interrupted: bool = False) -> None:
     """FINISHED; or, ``interrupted`` (Ctrl-C), KILLED with how to go on: `nem-study resume`."""
-    client = _client(uri)
+    client = contract.client(uri)
     client.log_metric(run_id, "trials_finished", finished)
     client.log_metric(run_id, "trials_failed", failed)
     if interrupted:
@@ -173,7 +148,7 @@ def flatten(config: RunConfig) -> dict[str, str]:
 
 def start_child(uri: str, parent_run_id: str, trial: dict[str, Any], config: RunConfig) -> str:
     """The child run of a trial; a restarted trial re-attaches to its earlier run."""
-    client = _client(uri)
+    client = contract.client(uri)
     parent = client.get_run(parent_run_id)
     experiment_id = parent.info.experiment_id
     earlier = client.search_runs(
@@ -187,8 +162,8 @@ def start_child(uri: str, parent_run_id: str, trial: dict[str, Any], config: Run
             client.set_tag(run_id, "previous_failure_reason", tags["failure_reason"])
             client.delete_tag(run_id, "failure_reason")
         return run_id
-    tags = {PARENT_TAG: parent_run_id, TRIAL_TAG: trial["name"], "nem_study.seed": str(trial["seed"]),
-            "nem_study.cell": json.dumps(trial["cell"])}
+    tags = {PARENT_TAG: parent_run_id, TRIAL_TAG: trial["name"], SEED_TAG: str(trial["seed"]),
+            CELL_TAG: json.dumps(trial["cell"])}
     tags.update({SAMPLED_TAG + key: str(value) for key, value in trial.get("sampled", {}).items()})
     run = client.create_run(experiment_id, run_name=trial["name"], tags=tags)
     _log_params(client, run.info.run_id, flatten(config))
@@ -216,19 +191,19 @@ def _metrics(values: dict[str, Any], step: int):
 
 def logged_iterations(uri: str, run_id: str) -> set[int]:
     """The epochs (counted over curriculum stages) a run has logged already."""
-    return {m.step for m in _client(uri).get_metric_history(run_id, "iteration")}
+    return {m.step for m in contract.client(uri).get_metric_history(run_id, "iteration")}
 
 
 def log_epoch(uri: str, run_id: str, metrics: dict[str, Any]) -> None:
     """One epoch's metrics, with ``step`` = the epoch counted over all curriculum stages."""
-    _client(uri).log_batch(run_id, metrics=_metrics(metrics, int(metrics["iteration"])))
+    contract.client(uri).log_batch(run_id, metrics=_metrics(metrics, int(metrics["iteration"])))
 
 
 def log_final(uri: str, run_id: str, result: dict[str, Any], evaluations: list[dict[str, Any]],
               panel: Path | None = None) -> None:
     """Test metrics, AMI per step (a metric history and a table), each evaluation (metrics
     ``eval/<name>/...`` and ``evaluations.json``), the Figure-4 panel, the best checkpoint; FINISHED."""
-    client = _client(uri)
+    client = contract.client(uri)
     # Counts that describe the evaluation (n, k, steps) live in test_metrics.json, not as metrics.
     scalars = {k: v for k, v in result.items() if not isinstance(v, list) and k not in DESCRIPTIVE}
     for ev in evaluations:
@@ -247,28 +222,28 @@ def log_final(uri: str, run_id: str, result: dict[str, Any], evaluations: list[d
              "test_ami_q25": result.get("test_ami_q25_per_step", []),
              "test_ami_q75": result.get("test_ami_q75_per_step", []),
              "test_bce_bound": result.get("test_bce_per_step", [])}
-    client.log_dict(run_id, table, "ami_per_step.json")
-    client.log_dict(run_id, result, "test_metrics.json")
-    client.log_dict(run_id, evaluations, "evaluations.json")
+    client.log_dict(run_id, table, AMI_PER_STEP)
+    client.log_dict(run_id, result, TEST_METRICS)
+    client.log_dict(run_id, evaluations, EVALUATIONS)
     if panel is not None:
         for png in sorted(panel.parent.glob(panel.stem + "*.png")):  # groupings.png, groupings-<eval>.png
             client.log_artifact(run_id, str(png))
     best = result.get("checkpoint")
     if best is not None and Path(best).is_file():
-        client.log_artifact(run_id, best, artifact_path="checkpoint")
+        client.log_artifact(run_id, best, artifact_path=CHECKPOINT)
     client.set_terminated(run_id, "FINISHED")
 
 
 def mark_stopped(uri: str, run_id: str, reason: str) -> None:
     """KILLED: stopped early on purpose (ASHA), not failed; no test metrics."""
-    client = _client(uri)
+    client = contract.client(uri)
     client.set_tag(run_id, "stop_reason", reason)
     client.set_terminated(run_id, "KILLED")
 
 
 def mark_failed(uri: str, run_id: str, error: BaseException) -> None:
     """FAILED, with the reason as a tag (the exception still propagates to Ray)."""
-    client = _client(uri)
+    client = contract.client(uri)
     reason = f"{type(error).__name__}: {error}"[:5000]
     client.set_tag(run_id, "failure_reason", reason)
     client.set_terminated(run_id, "FAILED")
@@ -276,7 +251,7 @@ def mark_failed(uri: str, run_id: str, error: BaseException) -> None:
 
 def child_runs(uri: str, parent_run_id: str) -> list[Any]:
     """All child runs of a study's parent run."""
-    client = _client(uri)
+    client = contract.client(uri)
     parent = client.get_run(parent_run_id)
     return client.search_runs([parent.info.experiment_id],
                               filter_string=f"tags.`{PARENT_TAG}` = '{parent_run_id}'", max_results=10_000)

@@ -450,15 +450,15 @@ def test_a_resumed_trial_finds_its_parent_its_child_run_and_the_epochs_it_logged
 
 def test_uris_pass_through_and_local_paths_become_absolute(tmp_path, monkeypatch):
     """A cluster's tracking server, its proxied artifact store and bucket storage stay URIs."""
-    from nem_study import tracking
     from nem_study.config import StudyConfig
+    from nem_study.contract import resolve_uri
     from nem_study.study import storage_path
 
     monkeypatch.chdir(tmp_path)
-    assert tracking.resolve_uri("mlflow-artifacts:/x") == "mlflow-artifacts:/x"
-    assert tracking.resolve_uri("s3://bucket/a") == "s3://bucket/a"
-    assert tracking.resolve_uri("sqlite:///m.db") == f"sqlite:///{tmp_path / 'm.db'}"
-    assert tracking.resolve_uri("arts") == (tmp_path / "arts").as_uri()
+    assert resolve_uri("mlflow-artifacts:/x") == "mlflow-artifacts:/x"
+    assert resolve_uri("s3://bucket/a") == "s3://bucket/a"
+    assert resolve_uri("sqlite:///m.db") == f"sqlite:///{tmp_path / 'm.db'}"
+    assert resolve_uri("arts") == (tmp_path / "arts").as_uri()
     study = StudyConfig.model_validate({"name": "s", "storage": "gs://bucket/runs"})
     assert storage_path(study) == "gs://bucket/runs"
     assert storage_path(study.model_copy(update={"storage": "runs"})) == str(tmp_path / "runs")
