@@ -1,7 +1,8 @@
 """A study on Ray Tune: every trial of ``expand_trials`` runs ``fit`` once, tracked in MLflow.
 
 The driver (``run_study``) checks the tracking store, opens the study's parent run, and hands
-Ray Tune a grid over trial indices, so one Tune trial is exactly one ``TrialSpec``; with a
+Ray Tune the study's grid and seeds as its ``param_space`` (``model.k``, ``train.seed``), so one
+Tune trial is exactly one ``TrialSpec`` and Tune's table speaks the config; with a
 ``search``, one Tune experiment per grid cell samples ``n_trials`` configs with Optuna. After the
 driver died, ``run_study(resume=True)`` restores the Tune experiments from storage. Each trial
 (``run_trial``, a plain function) trains in its Tune trial folder, reports every epoch with
@@ -27,7 +28,7 @@ from typing import Any
 
 from nem_study import contract, tracking
 from nem_study.config import (InputError, RunConfig, SpaceConfig, StudyConfig, TrialSpec, cell_name,
-                              expand_trials, sampled_name)
+                              expand_trials, grid_cells, sampled_name)
 
 CHECKPOINTS_KEPT = 2          # Tune's copies per trial; each holds last.pt (resume) and best.pt
 CPUS_ENV = "NEM_RAY_CPUS"     # CPUs of a local Ray instance (default: all of this machine)
@@ -51,7 +52,8 @@ def run_trial(config: dict[str, Any], *, trials: list[dict[str, Any]], study: St
               parent_run_id: str, data_dir: str, threads: int) -> None:
     """Train one trial; every epoch goes to Tune (with its checkpoint) and to MLflow.
 
-    ``config["trial"]`` is the index of a TrialSpec; with a search, ``config["space"]`` holds
+    ``config`` holds a grid cell's values and ``train.seed`` (see ``trial_index``); with a search,
+    ``config["trial"]`` is the index of a TrialSpec and ``config["space"]`` holds
     the values sampled for this trial, set over the TrialSpec's grid cell. The seconds spent
     before training, in training and testing (of which reporting epochs to Tune and MLflow),
     and in the evaluations go to MLflow as ``trial_*_seconds`` (what a trial costs beyond its
@@ -63,7 +65,7 @@ def run_trial(config: dict[str, Any], *, trials: list[dict[str, Any]], study: St
     from nem_study import data
     from nem_study.train import fit_curriculum
 
-    trial = trials[config["trial"]]
+    trial = trials[trial_index(study, config)]
     os.environ["NEM_DATA_DIR"] = data_dir  # the cache the driver sees, whatever the worker's env
     sampled = config.get("space") or {}
     if sampled:
@@ -276,9 +278,11 @@ def _experiments(study: StudyConfig, trials: list[TrialSpec]) -> list[_Experimen
             lambda t: ensemble_name([trials[i] for i in t.config["members"]]),
             lambda t: f"{t.config['members'][0]:03d}_" + _safe(ensemble_name([trials[i] for i in t.config["members"]])))]
     if study.search is None:
-        return [_Experiment(
-            study.name, {"trial": tune.grid_search([t.index for t in trials])},
-            lambda t: trials[t.config["trial"]].name, lambda t: trial_dirname(trials[t.config["trial"]]))]
+        # The grid itself, so Tune's table and trial configs read model.k=3, train.seed=0.
+        space = {key: tune.grid_search(values) for key, values in study.grid.items()}
+        space["train.seed"] = tune.grid_search([study.base.train.seed + i for i in range(study.seeds)])
+        return [_Experiment(study.name, space, lambda t: trials[trial_index(study, t.config)].name,
+                            lambda t: trial_dirname(trials[trial_index(study, t.config)]))]
 
     from ray.tune.search.optuna import OptunaSearch
 
@@ -294,6 +298,16 @@ def _experiments(study: StudyConfig, trials: list[TrialSpec]) -> list[_Experimen
         lambda t, trial=trial: f"{sample(t):03d}_" + _safe(sampled_name(trial, sample(t))),
         OptunaSearch(metric=search.metric, mode=search.mode, seed=search.seed), search.n_trials)
         for trial in trials]
+
+
+def trial_index(study: StudyConfig, config: dict[str, Any]) -> int:
+    """The TrialSpec index of a Tune trial's config: its grid values and ``train.seed`` (grid
+    studies), or ``config["trial"]`` (a search, or a study started before the grid reached Tune)."""
+    if "trial" in config:
+        return config["trial"]
+    cell = [config[key] for key in study.grid]
+    seed = config["train.seed"] - study.base.train.seed
+    return grid_cells(study.grid).index(dict(zip(study.grid, cell))) * study.seeds + seed
 
 
 def ensemble_name(members: list[TrialSpec]) -> str:
