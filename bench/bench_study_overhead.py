@@ -88,7 +88,7 @@ def direct_trial(config_json: dict) -> tuple[float, float, float]:
 def measure(root: Path, args: argparse.Namespace, worker_env: dict[str, str]) -> dict[str, float]:
     """One direct run and one study of the same trials, in fresh folders under ``root``."""
     from nem_study import data
-    from nem_study.config import StudyConfig, expand_trials
+    from nem_study.config import StudyConfig, expand_trials, replace
     from nem_study.study import run_study
 
     import mlflow
@@ -102,8 +102,7 @@ def measure(root: Path, args: argparse.Namespace, worker_env: dict[str, str]) ->
 
     configs = []
     for t in trials:
-        cfg = t.config.model_copy(deep=True)
-        cfg.train.checkpoint_dir = str(root / "direct" / t.name)   # both sides write checkpoints
+        cfg = replace(t.config, {"train.checkpoint_dir": str(root / "direct" / t.name)})  # both sides write checkpoints
         configs.append(cfg.model_dump(mode="json"))
     processes = 1 if args.side_by_side else args.processes
 

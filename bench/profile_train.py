@@ -34,7 +34,7 @@ from torch.profiler import ProfilerActivity, profile, record_function  # noqa: E
 
 from bench.bench_train import DTYPES, Step, matmul_peak, step_flops  # noqa: E402
 from nem_study import batches, checkpoints, data, evaluate, model, train  # noqa: E402
-from nem_study.config import RunConfig  # noqa: E402
+from nem_study.config import RunConfig, replace  # noqa: E402
 from nem_study.step import resolve_precision  # noqa: E402
 
 # Op kinds for the backward pass and the optimiser (substrings of aten op names).
@@ -127,9 +127,9 @@ def fit_parts() -> list[tuple[str, object]]:
 def fit_profile(cfg: RunConfig) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         os.environ["NEM_DATA_DIR"] = tmp
-        cfg.data.train, cfg.data.valid, cfg.data.test = 1024, 256, 256
-        cfg.train.valid_samples, cfg.train.test_each_epoch = 256, 256
-        cfg.train.max_epochs, cfg.train.checkpoint_dir = 1, str(Path(tmp) / "ckpt")
+        cfg = replace(cfg, {"data.train": 1024, "data.valid": 256, "data.test": 256, "train.valid_samples": 256,
+                            "train.test_each_epoch": 256, "train.max_epochs": 1,
+                            "train.checkpoint_dir": str(Path(tmp) / "ckpt")})
         splits = {s: data.load(cfg.data, s, progress=False) for s in ("train", "valid", "test")}
         prof = cProfile.Profile()
         prof.enable()

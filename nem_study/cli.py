@@ -150,23 +150,22 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from nem_study.config import load_run_config
+    from nem_study.config import load_run_config, replace
 
     cfg = load_run_config(args.config, args.overrides)  # before torch is imported: a bad file answers at once
 
     from nem_study import data
     from nem_study.capacity import check_batch
+    from nem_study.checkpoints import load_checkpoint
     from nem_study.data.store import check_space
     from nem_study.plots import training_curves
-    from nem_study.checkpoints import load_checkpoint
     from nem_study.train import fit_curriculum
 
     check_batch(cfg)  # a batch or a data set that cannot fit: refused before anything is made
     check_space(cfg.data)
-    if args.out:
-        cfg.train.checkpoint_dir = args.out
-    elif cfg.train.checkpoint_dir is None:
-        cfg.train.checkpoint_dir = f"runs/{Path(args.config).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+    if args.out or cfg.train.checkpoint_dir is None:
+        out = args.out or f"runs/{Path(args.config).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+        cfg = replace(cfg, {"train.checkpoint_dir": out})
     log = (lambda *a: None) if args.quiet else (lambda *a: print(*a, file=sys.stderr, flush=True))
 
     def load(spec, split):

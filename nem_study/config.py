@@ -26,7 +26,69 @@ DataName = Literal["static_shapes", "flying_shapes", "flying_mnist"]
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    """Unknown keys are errors; a validated config is frozen (change one with ``replace``)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+# What ``None`` means, per data set: NEM_SPEC.md §3, one column per data set ...
+DEFAULTS: dict[str, dict[str, Any]] = {
+    "static_shapes": {
+        "data.objects": 3, "data.frames": 1, "data.image_size": 28,
+        "model.network": "static_fc", "model.pixel": "bernoulli", "model.gamma_gradient": "flow",
+        "model.loss_step_weights": "last", "model.w_inter": 1.0, "model.em_steps": 15,
+        "noise.kind": "bitflip", "noise.prob": 0.1, "train.lr": 1e-3},
+    "flying_shapes": {
+        "data.objects": 3, "data.frames": 21, "data.image_size": 28, "data.motion": "unit",
+        "model.network": "flying_shapes_conv", "model.pixel": "bernoulli", "model.gamma_gradient": "stop",
+        "model.loss_step_weights": "all", "model.w_inter": 1.0,
+        "noise.kind": "bitflip", "noise.prob": 0.2, "train.lr": 1e-3},
+    "flying_mnist": {
+        "data.objects": 2, "data.frames": 21, "data.image_size": 24, "data.motion": "unit",
+        "model.network": "flying_mnist_conv", "model.pixel": "gaussian", "model.gamma_gradient": "stop",
+        "model.loss_step_weights": "all", "model.w_inter": 0.2,
+        "noise.kind": "masked_uniform", "noise.prob": 0.2, "train.lr": 5e-4},
+}
+# ... then per network, whatever the data set; on sequences model.em_steps is data.frames - 1.
+NETWORK_DEFAULTS: dict[str, dict[str, Any]] = {
+    "static_fc": {"model.hidden": 250, "model.layer_norm": False},
+    "flying_shapes_conv": {"model.hidden": 100, "model.layer_norm": True},
+    "flying_mnist_conv": {"model.hidden": 250, "model.layer_norm": True},
+}
+SECTIONS = ("data", "model", "noise", "train")
+
+
+def _fill_defaults(raw: dict[str, Any], only: str | None = None) -> dict[str, Any]:
+    """``raw`` (sections of plain values) with every missing or None value the tables define set;
+    ``only``: the one section ``raw`` is (a data spec on its own)."""
+    sections = {only: raw} if only else {s: raw.get(s) if raw.get(s) is not None else {} for s in SECTIONS}
+    sections = {s: v.model_dump() if isinstance(v, BaseModel) else v for s, v in sections.items()}
+    if not all(isinstance(v, dict) for v in sections.values()):
+        return raw  # not a mapping: the field's own validation says so
+    data = sections.get("data", {})
+    table = dict(DEFAULTS.get(data.get("name", "flying_shapes"), {}))
+    if not table:
+        return raw  # an unknown data set: data.name's validation says so
+    table |= NETWORK_DEFAULTS.get(sections.get("model", {}).get("network") or table["model.network"], {})
+    frames = data.get("frames") if data.get("frames") is not None else table["data.frames"]
+    if "model.em_steps" not in table and isinstance(frames, int):
+        table["model.em_steps"] = frames - 1
+    filled = {s: dict(v) for s, v in sections.items()}
+    for key, value in table.items():
+        section, field = key.split(".")
+        if section in filled and filled[section].get(field) is None:
+            filled[section][field] = value
+    return filled[only] if only else {**raw, **filled}
+
+
+def replace(config: RunConfig, changes: dict[str, Any]) -> RunConfig:
+    """A copy of ``config`` with dotted keys changed: ``replace(cfg, {"train.threads": 1})``.
+    For values a validated config leaves open (threads, checkpoint folder); configs are frozen."""
+    by_section: dict[str, dict[str, Any]] = {}
+    for key, value in changes.items():
+        section, field = key.split(".")
+        by_section.setdefault(section, {})[field] = value
+    return config.model_copy(update={s: getattr(config, s).model_copy(update=v) for s, v in by_section.items()})
 
 
 class DataConfig(Strict):
@@ -57,20 +119,15 @@ class DataConfig(Strict):
         "evidence for flying MNIST is in data/sequences.py)")
     seed: int = Field(0, ge=0)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _defaults(cls, raw: Any) -> Any:
+        return _fill_defaults(raw, only="data") if isinstance(raw, dict) else raw
+
     @model_validator(mode="after")
-    def _defaults(self) -> DataConfig:
-        static = self.name == "static_shapes"
-        if self.objects is None:
-            self.objects = 2 if self.name == "flying_mnist" else 3
-        if self.frames is None:
-            self.frames = 1 if static else 21
-        if static and self.frames != 1:
+    def _check(self) -> DataConfig:
+        if self.is_static and self.frames != 1:
             raise ValueError("static_shapes has frames = 1")
-        if self.image_size is None:
-            self.image_size = 24 if self.name == "flying_mnist" else 28
-        if self.motion is None and not static:
-            # flying MNIST too: nothing says otherwise, and the authors' flying shapes move so
-            self.motion = "unit"
         if self.name == "flying_mnist" and self.digit_size > self.image_size:
             raise ValueError("digit_size must not exceed image_size")
         if self.curriculum is not None:
@@ -160,38 +217,18 @@ class RunConfig(Strict):
     noise: NoiseConfig = Field(default_factory=NoiseConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _resolve(cls, raw: Any) -> Any:
+        """Fill every ``None`` from the data set's column of NEM_SPEC.md §3 (``DEFAULTS``)."""
+        return _fill_defaults(raw) if isinstance(raw, dict) else raw
+
     @model_validator(mode="after")
-    def _resolve(self) -> RunConfig:
-        """Fill every ``None`` from the data set's column of NEM_SPEC.md §3."""
-        d, m, n, t = self.data, self.model, self.noise, self.train
-        static, mnist = d.is_static, d.name == "flying_mnist"
-        if m.network is None:
-            m.network = {"static_shapes": "static_fc", "flying_shapes": "flying_shapes_conv",
-                         "flying_mnist": "flying_mnist_conv"}[d.name]
-        if m.kind == "nem" and m.network != "static_fc":
+    def _check(self) -> RunConfig:
+        if self.model.kind == "nem" and self.model.network != "static_fc":
             raise ValueError("model.kind 'nem' (the tied-weight gradient cell) needs network 'static_fc'")
-        if m.hidden is None:
-            m.hidden = 100 if m.network == "flying_shapes_conv" else 250
-        if m.layer_norm is None:
-            m.layer_norm = m.network != "static_fc"
-        if m.pixel is None:
-            m.pixel = "gaussian" if mnist else "bernoulli"
-        if m.gamma_gradient is None:
-            m.gamma_gradient = "flow" if static else "stop"
-        if m.loss_step_weights is None:
-            m.loss_step_weights = "last" if static else "all"
-        if m.w_inter is None:
-            m.w_inter = 0.2 if mnist else 1.0
-        if m.em_steps is None:
-            m.em_steps = 15 if static else d.frames - 1
-        if not static and d.frames < 2:
+        if not self.data.is_static and self.data.frames < 2:
             raise ValueError("sequences need data.frames >= 2 (T + 1)")
-        if n.kind is None:
-            n.kind = "masked_uniform" if mnist else "bitflip"
-        if n.prob is None:
-            n.prob = {"static_shapes": 0.1, "flying_shapes": 0.2, "flying_mnist": 0.2}[d.name]
-        if t.lr is None:
-            t.lr = 5e-4 if mnist else 1e-3
         return self
 
     @property

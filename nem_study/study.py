@@ -28,7 +28,7 @@ from typing import Any
 
 from nem_study import contract, tracking
 from nem_study.config import (InputError, RunConfig, SpaceConfig, StudyConfig, TrialSpec, cell_name,
-                              expand_trials, grid_cells, sampled_name)
+                              expand_trials, grid_cells, replace, sampled_name)
 
 CHECKPOINTS_KEPT = 2          # Tune's copies per trial; each holds last.pt (resume) and best.pt
 CPUS_ENV = "NEM_RAY_CPUS"     # CPUs of a local Ray instance (default: all of this machine)
@@ -73,7 +73,7 @@ def run_trial(config: dict[str, Any], *, trials: list[dict[str, Any]], study: St
         trial = {**trial, "name": tune.get_context().get_trial_name(), "sampled": sampled}
     else:
         cfg = RunConfig.model_validate(trial["config"])
-    cfg.train.threads = cfg.train.threads or threads
+    cfg = replace(cfg, {"train.threads": cfg.train.threads or threads})
     run_id = tracking.start_child(tracking_uri, parent_run_id, trial, cfg)
     # After a restart or a resumed study, epochs between the last checkpoint and the crash run
     # again; MLflow keeps their first values, so each epoch is in the history once.
@@ -83,7 +83,7 @@ def run_trial(config: dict[str, Any], *, trials: list[dict[str, Any]], study: St
     # The trainer's own last.pt/best.pt stay out of the synced folder: Tune copies them to
     # storage as its checkpoints already, and they are large (40 MB for flying shapes).
     checkpoint_dir = Path(tempfile.mkdtemp(prefix="nem-checkpoints-"))
-    cfg.train.checkpoint_dir = str(checkpoint_dir)
+    cfg = replace(cfg, {"train.checkpoint_dir": str(checkpoint_dir)})
 
     reporting = [0.0]  # seconds spent handing epochs to MLflow and Tune (inside the fit)
 
@@ -141,9 +141,8 @@ def run_ensemble_trial(config: dict[str, Any], *, trials: list[dict[str, Any]], 
     for panel in panels:
         panel.parent.mkdir(parents=True, exist_ok=True)
     checkpoint_dir = Path(tempfile.mkdtemp(prefix="nem-checkpoints-"))  # as in run_trial
-    for c in cfgs:
-        c.train.threads = c.train.threads or threads
-        c.train.checkpoint_dir = str(checkpoint_dir)
+    cfgs = [replace(c, {"train.threads": c.train.threads or threads, "train.checkpoint_dir": str(checkpoint_dir)})
+            for c in cfgs]
 
     def report(by_member: dict[int, dict[str, Any]], ckpt_dir: Path | None) -> None:
         for e, metrics in by_member.items():

@@ -19,7 +19,7 @@ import torch
 
 from nem_study.batches import corrupt, gamma0_noise, to_steps
 from nem_study.checkpoints import load_checkpoint, save_checkpoint
-from nem_study.config import InputError, RunConfig
+from nem_study.config import InputError, RunConfig, replace
 from nem_study.data import Split
 from nem_study.evaluate import evaluate
 from nem_study.model import NEM
@@ -191,7 +191,7 @@ def fit_curriculum(cfg: RunConfig, load: Callable[[Any, str], Split], report: Re
     for i, stage in enumerate(stages, start=1):
         stage_dir = root / f"stage{i}" if len(stages) > 1 else root
         if stage_dir is not None:
-            stage.train.checkpoint_dir = str(stage_dir)
+            stage = replace(stage, {"train.checkpoint_dir": str(stage_dir)})
         marker = stage_dir / "stage.json" if len(stages) > 1 else None
         if marker is not None and marker.is_file():  # finished before a restart
             done.append(json.loads(marker.read_text()))

@@ -316,8 +316,8 @@ def test_a_search_samples_n_trials_per_grid_cell_within_the_ranges(tmp_path, loc
 
     def first_two(seed: int) -> list[tuple]:
         """What a fresh sampler with this seed suggests first (TPE starts with seeded random samples)."""
-        study.search.seed = seed
-        experiment = _experiments(study, expand_trials(study))[0]
+        seeded = study.model_copy(update={"search": study.search.model_copy(update={"seed": seed})})
+        experiment = _experiments(seeded, expand_trials(seeded))[0]
         searcher = experiment.search_alg
         searcher.set_search_properties(None, None, experiment.param_space)
         return [tuple(v for v in searcher.suggest(f"t{i}")["space"].values()) for i in range(2)]

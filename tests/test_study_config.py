@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from nem_study.config import InputError, RunConfig, StudyConfig, expand_trials, load_study_config
+from nem_study.config import (DEFAULTS, NETWORK_DEFAULTS, InputError, RunConfig, StudyConfig, expand_trials,
+                              load_study_config, replace)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -233,3 +234,25 @@ def test_evaluations_get_stable_names_and_a_repeated_name_is_an_error():
     assert [e.label for e in study.evaluations] == ["k5-objects3", "steps50", "static-steps50", "mine", "as-trained"]
     with pytest.raises(ValidationError, match="a second evaluation named 'k5'"):
         StudyConfig.model_validate({"name": "s", "evaluations": [{"k": 5}, {"k": 5, "n": 100}]})
+
+
+def test_a_validated_config_is_frozen_and_replace_makes_a_changed_copy():
+    cfg = RunConfig.model_validate({"data": {"name": "static_shapes"}})
+    with pytest.raises(ValidationError, match="frozen"):
+        cfg.train.threads = 2
+    changed = replace(cfg, {"train.threads": 2, "train.checkpoint_dir": "ckpt"})
+    assert (changed.train.threads, changed.train.checkpoint_dir) == (2, "ckpt")
+    assert (cfg.train.threads, cfg.train.checkpoint_dir) == (None, None)
+    assert changed.model == cfg.model and changed.data == cfg.data
+
+
+@pytest.mark.parametrize("name", sorted(DEFAULTS))
+def test_every_none_is_filled_from_the_data_sets_column(name):
+    """The one table (NEM_SPEC.md §3) is what a config resolves to; a set value wins over it."""
+    cfg = RunConfig.model_validate({"data": {"name": name}})
+    table = DEFAULTS[name] | NETWORK_DEFAULTS[cfg.model.network]
+    resolved = {key: getattr(getattr(cfg, key.split(".")[0]), key.split(".")[1]) for key in table}
+    assert resolved == table
+    assert cfg.model.em_steps == (15 if name == "static_shapes" else 20)
+    mine = RunConfig.model_validate({"data": {"name": name}, "model": {"hidden": 7, "w_inter": 0.5}})
+    assert (mine.model.hidden, mine.model.w_inter, mine.train.lr) == (7, 0.5, cfg.train.lr)
