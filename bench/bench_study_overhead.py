@@ -88,7 +88,9 @@ def direct_trial(config_json: dict) -> tuple[float, float, float]:
 def measure(root: Path, args: argparse.Namespace, worker_env: dict[str, str]) -> dict[str, float]:
     """One direct run and one study of the same trials, in fresh folders under ``root``."""
     from nem_study import data
-    from nem_study.config import StudyConfig, expand_trials, replace
+    from nem_study.config import replace
+    from nem_study.study_config import StudyConfig
+    from nem_study.trials import expand_trials
     from nem_study.study import run_study
 
     import mlflow

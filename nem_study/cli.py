@@ -221,7 +221,7 @@ def cmd_data(args: argparse.Namespace) -> int:
 
 
 def print_trials(study_path: str, study, trials) -> None:
-    from nem_study.config import cell_name
+    from nem_study.study_config import cell_name
 
     if study.search is None:
         print(f"{study_path}: study {study.name!r}, {len(trials)} trial(s) "
@@ -258,7 +258,9 @@ def cmd_config(args: argparse.Namespace) -> int:
     """``config show``: a run config resolved, or a study's base and each trial's differences."""
     import yaml
 
-    from nem_study.config import expand_trials, load_run_config, load_study_config, read_yaml
+    from nem_study.config import load_run_config, read_yaml
+    from nem_study.study_config import load_study_config
+    from nem_study.trials import expand_trials
 
     if "name" not in read_yaml(args.config):   # a study has a name; a run config has none
         print(yaml.safe_dump(load_run_config(args.config, args.overrides).model_dump(mode="json"),
@@ -276,7 +278,8 @@ def cmd_config(args: argparse.Namespace) -> int:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    from nem_study.config import expand_trials, load_study_config
+    from nem_study.study_config import load_study_config
+    from nem_study.trials import expand_trials
 
     study = load_study_config(args.study, args.overrides)
     print_trials(args.study, study, expand_trials(study))
@@ -285,7 +288,8 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 def cmd_run(args: argparse.Namespace) -> int:
     """``run`` and ``resume``."""
-    from nem_study.config import cell_name, expand_trials, load_study_config
+    from nem_study.study_config import cell_name, load_study_config
+    from nem_study.trials import expand_trials
 
     study = load_study_config(args.study, args.overrides)
     trials = expand_trials(study)

@@ -27,8 +27,9 @@ from pathlib import Path
 from typing import Any
 
 from nem_study import contract, tracking
-from nem_study.config import (InputError, RunConfig, SpaceConfig, StudyConfig, TrialSpec, cell_name,
-                              expand_trials, grid_cells, replace, sampled_name)
+from nem_study.config import InputError, RunConfig, replace
+from nem_study.study_config import SpaceConfig, StudyConfig, cell_name, grid_cells
+from nem_study.trials import TrialSpec, expand_trials, sampled_name
 
 CHECKPOINTS_KEPT = 2          # Tune's copies per trial; each holds last.pt (resume) and best.pt
 CPUS_ENV = "NEM_RAY_CPUS"     # CPUs of a local Ray instance (default: all of this machine)

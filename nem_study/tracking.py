@@ -20,10 +20,12 @@ from pathlib import Path
 from typing import Any
 
 from nem_study import contract
-from nem_study.config import InputError, RunConfig, StudyConfig, TrialSpec
-from nem_study.contract import (AMI_PER_STEP, CELL_TAG, CHECKPOINT, EVALUATIONS, KIND_TAG, PARENT_TAG, SAMPLED_TAG, SEED_TAG,
-                                STUDY_RESOLVED, STUDY_TAG, TEST_METRICS, TRIAL_TAG, TRIALS,
+from nem_study.config import InputError, RunConfig
+from nem_study.contract import (AMI_PER_STEP, CELL_TAG, CHECKPOINT, EVALUATIONS, KIND_TAG, PARENT_TAG, SAMPLED_TAG,
+                                SEED_TAG, STUDY_RESOLVED, STUDY_TAG, TEST_METRICS, TRIAL_TAG, TRIALS,
                                 http_unreachable, resolve_uri)
+from nem_study.study_config import StudyConfig
+from nem_study.trials import TrialSpec
 
 DESCRIPTIVE = {"test_n", "test_k", "test_steps", "test_static"}
 

@@ -154,7 +154,7 @@ def test_published_values_are_those_of_the_spec():
 def study(tmp_path_factory):
     pytest.importorskip("ray")
     mlflow = pytest.importorskip("mlflow")
-    from nem_study.config import StudyConfig
+    from nem_study.study_config import StudyConfig
     from nem_study.study import run_study
 
     tmp = tmp_path_factory.mktemp("report_study")

@@ -557,7 +557,8 @@ def test_data_strip_writes_a_png(tmp_path):
 def test_a_study_prepares_the_evaluation_data_of_a_curriculums_last_stage(data_dir):
     """The evaluations test the last stage's checkpoint, whose data spec names that stage's digit
     pool: `prepare_data` must make those test sets before any trial, while MNIST is at hand."""
-    from nem_study.config import StudyConfig, expand_trials
+    from nem_study.study_config import StudyConfig
+    from nem_study.trials import expand_trials
     from nem_study.evaluate import test_spec
     from nem_study.study import prepare_data
     from nem_study.train import curriculum_stages

@@ -420,7 +420,7 @@ def _pods(job: dict[str, Any]) -> dict[str, dict[str, Any]]:
 
 
 def rayjob_problems(docs: list[dict[str, Any]]) -> list[str]:
-    from nem_study.config import load_study_config
+    from nem_study.study_config import load_study_config
 
     problems = []
     by_kind: dict[str, list[dict[str, Any]]] = {}
@@ -538,7 +538,7 @@ def test_rayjob_checks_catch(change, expected):
 
 def test_documented_studies_exist_and_validate():
     """Every `nem-study run|resume|validate STUDY.yaml` in docker/ names a study that loads."""
-    from nem_study.config import load_study_config
+    from nem_study.study_config import load_study_config
 
     files = [p for p in DOCKER.rglob("*") if p.suffix in (".md", ".yaml")]
     studies = {m for p in files for m in re.findall(r"nem-study (?:run|resume|validate) (\S+\.yaml)", p.read_text())}

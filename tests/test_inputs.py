@@ -111,7 +111,7 @@ def test_a_grid_of_too_many_trials_is_refused_before_it_is_expanded(tmp_path):
     assert r.returncode == 2 and "Traceback" not in r.stderr and time.monotonic() - t0 < FAST_S
     assert "grid: 10,000,000 grid cell(s) x 1 seed(s) is more than 10,000 trials" in r.stderr
     with pytest.raises(InputError, match="seeds: 1 grid cell.* x 1,000,000,000 seed"):
-        from nem_study.config import load_study_config
+        from nem_study.study_config import load_study_config
 
         load_study_config(put(tmp_path, "seeds.yaml", "name: s\nseeds: 1000000000\n"))
 

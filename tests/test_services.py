@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 from services import free_port, http_ok
 
-from nem_study.config import load_study_config
+from nem_study.study_config import load_study_config
 from nem_study.study import check_unchanged
 from nem_study.tracking import child_runs
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from nem_study.config import load_study_config
+from nem_study.study_config import load_study_config
 from nem_study.tracking import child_runs, flatten
 
 ray = pytest.importorskip("ray")
@@ -286,7 +286,7 @@ search:
 
 
 def test_a_search_samples_n_trials_per_grid_cell_within_the_ranges(tmp_path, local_ray):
-    from nem_study.config import expand_trials
+    from nem_study.trials import expand_trials
     from nem_study.study import _experiments, run_study
 
     path = study_yaml(tmp_path, "  model.k: [2, 3]", seeds=1, max_epochs=1)
@@ -422,7 +422,7 @@ def test_resume_with_nothing_to_resume_names_the_storage_folder(tmp_path):
 def test_a_resumed_trial_finds_its_parent_its_child_run_and_the_epochs_it_logged(tmp_path):
     """The MLflow side of `resume`, without Ray: what run_trial re-attaches to after the driver died."""
     from nem_study import tracking
-    from nem_study.config import expand_trials
+    from nem_study.trials import expand_trials
 
     path = study_yaml(tmp_path, "  model.k: [2]", seeds=1)
     study = load_study_config(path)
@@ -450,7 +450,7 @@ def test_a_resumed_trial_finds_its_parent_its_child_run_and_the_epochs_it_logged
 
 def test_uris_pass_through_and_local_paths_become_absolute(tmp_path, monkeypatch):
     """A cluster's tracking server, its proxied artifact store and bucket storage stay URIs."""
-    from nem_study.config import StudyConfig
+    from nem_study.study_config import StudyConfig
     from nem_study.contract import resolve_uri
     from nem_study.study import storage_path
 

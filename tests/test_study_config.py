@@ -10,8 +10,9 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from nem_study.config import (DEFAULTS, NETWORK_DEFAULTS, InputError, RunConfig, StudyConfig, expand_trials,
-                              load_study_config, replace)
+from nem_study.config import DEFAULTS, NETWORK_DEFAULTS, InputError, RunConfig, replace
+from nem_study.study_config import StudyConfig, load_study_config
+from nem_study.trials import expand_trials
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -227,7 +228,7 @@ def test_study_commands_have_help(command):
 
 
 def test_evaluations_get_stable_names_and_a_repeated_name_is_an_error():
-    from nem_study.config import StudyConfig
+    from nem_study.study_config import StudyConfig
 
     study = StudyConfig.model_validate({"name": "s", "evaluations": [
         {"k": 5, "objects": 3}, {"steps": 50}, {"static": True, "steps": 50}, {"name": "mine", "k": 2}, {}]})
