@@ -23,7 +23,7 @@ import pytest
 from services import free_port, http_ok
 
 from nem_study.study_config import load_study_config
-from nem_study.study import check_unchanged
+from nem_study.guards import check_unchanged
 from nem_study.tracking import child_runs
 
 pytestmark = pytest.mark.slow

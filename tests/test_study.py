@@ -260,7 +260,7 @@ def test_dry_run_prints_the_trials_and_starts_nothing(tmp_path):
 def test_restore_puts_the_checkpoint_back_for_resume(tmp_path):
     from ray import tune
 
-    from nem_study.study import _restore
+    from nem_study.trial import restore_checkpoint
 
     saved = tmp_path / "saved"
     (saved / "stage1").mkdir(parents=True)
@@ -268,8 +268,8 @@ def test_restore_puts_the_checkpoint_back_for_resume(tmp_path):
     (saved / "best.pt").write_bytes(b"best")
     (saved / "stage1" / "stage.json").write_text("{}")  # a curriculum's finished stage
     target = tmp_path / "trial" / "checkpoints"
-    assert _restore(None, target) is None
-    assert _restore(tune.Checkpoint.from_directory(str(saved)), target) == target
+    assert restore_checkpoint(None, target) is None
+    assert restore_checkpoint(tune.Checkpoint.from_directory(str(saved)), target) == target
     assert (target / "last.pt").read_bytes() == b"last" and (target / "best.pt").read_bytes() == b"best"
     assert (target / "stage1" / "stage.json").read_text() == "{}"
 
@@ -287,7 +287,8 @@ search:
 
 def test_a_search_samples_n_trials_per_grid_cell_within_the_ranges(tmp_path, local_ray):
     from nem_study.trials import expand_trials
-    from nem_study.study import _experiments, run_study
+    from nem_study.experiments import tune_experiments
+    from nem_study.study import run_study
 
     path = study_yaml(tmp_path, "  model.k: [2, 3]", seeds=1, max_epochs=1)
     path.write_text(path.read_text() + SEARCH.format(seed=3))
@@ -317,7 +318,7 @@ def test_a_search_samples_n_trials_per_grid_cell_within_the_ranges(tmp_path, loc
     def first_two(seed: int) -> list[tuple]:
         """What a fresh sampler with this seed suggests first (TPE starts with seeded random samples)."""
         seeded = study.model_copy(update={"search": study.search.model_copy(update={"seed": seed})})
-        experiment = _experiments(seeded, expand_trials(seeded))[0]
+        experiment = tune_experiments(seeded, expand_trials(seeded))[0]
         searcher = experiment.search_alg
         searcher.set_search_properties(None, None, experiment.param_space)
         return [tuple(v for v in searcher.suggest(f"t{i}")["space"].values()) for i in range(2)]
@@ -452,7 +453,7 @@ def test_uris_pass_through_and_local_paths_become_absolute(tmp_path, monkeypatch
     """A cluster's tracking server, its proxied artifact store and bucket storage stay URIs."""
     from nem_study.study_config import StudyConfig
     from nem_study.contract import resolve_uri
-    from nem_study.study import storage_path
+    from nem_study.experiments import storage_path
 
     monkeypatch.chdir(tmp_path)
     assert resolve_uri("mlflow-artifacts:/x") == "mlflow-artifacts:/x"
