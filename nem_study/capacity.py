@@ -15,10 +15,9 @@ from __future__ import annotations
 
 import errno
 import os
-import shutil
-from pathlib import Path
 
 from nem_study.inputs import InputError, human
+from nem_study.machine import available_memory, free_disk, mapping_limit
 
 SPLITS = ("train", "valid", "test")
 
@@ -31,56 +30,6 @@ class DiskFull(InputError):
 
 def is_disk_full(e: BaseException) -> bool:
     return isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT)
-
-
-def _meminfo() -> dict[str, int]:
-    """/proc/meminfo in bytes (Linux); empty where it cannot be read."""
-    try:
-        info = {}
-        with open("/proc/meminfo") as f:
-            for line in f:
-                key, _, rest = line.partition(":")
-                info[key] = int(rest.split()[0]) * 1024
-        return info
-    except (OSError, ValueError, IndexError):
-        return {}
-
-
-def available_memory() -> int | None:
-    """Bytes of memory a new allocation can get without swapping: MemAvailable (Linux), else the
-    free physical pages; None if unknown."""
-    if "MemAvailable" in (info := _meminfo()):
-        return info["MemAvailable"]
-    try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):
-        return None
-
-
-def mapping_limit() -> int | None:
-    """The largest anonymous mapping the kernel grants (virtual memory, not used memory): with
-    Linux's default heuristic overcommit, RAM + swap; with strict overcommit, CommitLimit -
-    Committed_AS; None when unlimited or unknown."""
-    try:
-        mode = Path("/proc/sys/vm/overcommit_memory").read_text().strip()
-    except OSError:
-        return None
-    if not (info := _meminfo()):
-        return None
-    if mode == "1":
-        return None
-    if mode == "2":
-        return info.get("CommitLimit", 0) - info.get("Committed_AS", 0)
-    return info.get("MemTotal", 0) + info.get("SwapTotal", 0) or None
-
-
-def free_disk(path: str | os.PathLike) -> tuple[int, Path]:
-    """Free bytes on the file system that ``path`` is (or would be created) on, and the existing
-    folder that was measured."""
-    p = Path(path).absolute()
-    while not p.exists() and p != p.parent:
-        p = p.parent
-    return shutil.disk_usage(p).free, p
 
 
 def _row(spec) -> int:

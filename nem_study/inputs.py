@@ -25,6 +25,8 @@ from typing import Any
 
 import yaml
 
+from nem_study.machine import available_memory
+
 MAX_YAML_BYTES = 1 << 20       #: a study / run / data-spec YAML
 MAX_YAML_DEPTH = 20            #: nested mappings / lists (a study needs 5)
 MAX_YAML_NODES = 10_000        #: values, aliases expanded (a study has a few hundred)
@@ -250,8 +252,6 @@ def check_archive(path: str | os.PathLike, what: str, limit: int, hint: str = ""
     fits the free memory, read from its directory only: a truncated file or a zip bomb is refused
     before numpy unpacks anything."""
     import zipfile
-
-    from nem_study.capacity import available_memory
 
     size = check_file(path, what)
     hint = f" {hint}" if hint else ""

@@ -38,6 +38,7 @@ from pathlib import Path
 import numpy as np
 
 from nem_study.config import DataConfig, InputError
+from nem_study.data.paths import data_dir
 from nem_study.inputs import check_archive, check_file, human
 
 ENV_VAR = "NEM_MNIST"
@@ -244,8 +245,6 @@ def load_mnist(path: str | os.PathLike | None = None, cache: Path | None = None)
     if os.environ.get(ENV_VAR):
         return from_path(os.environ[ENV_VAR], ENV_VAR)
     if cache is None:
-        from nem_study.data.store import data_dir
-
         cache = data_dir() / "mnist"
     tried = [f"no --mnist path given and {ENV_VAR} is not set"]
     if all(_find_idx(cache, stem) for stem in IDX_FILES.values()):

@@ -42,25 +42,15 @@ import pyarrow as pa
 from nem_study.capacity import DiskFull, cache_bytes, check_data_set, free_disk, is_disk_full
 from nem_study.config import DataConfig, InputError
 from nem_study.inputs import MAX_JSON_BYTES, human, read_text
-from nem_study.data.synth import SPLITS, check, count, iter_blocks
 from nem_study.data.mnist import load_mnist
+from nem_study.data.paths import ENV_VAR, data_dir
+from nem_study.data.synth import SPLITS, check, count, iter_blocks
 
 #: bump when the file layout OR the generator's output changes: old caches are then ignored
 FORMAT_VERSION = 2  # 2: Binding sprites and unit motion by default (data.sprites, data.motion)
 MANIFEST = "manifest.json"
-ENV_VAR = "NEM_DATA_DIR"
-
 _VERIFIED: set[tuple] = set()  # files whose sha256 was checked in this process
 builds = 0  # data sets this process generated (for tests and logs)
-
-
-def data_dir() -> Path:
-    env = os.environ.get(ENV_VAR)
-    if env:
-        return Path(env).expanduser()
-    import platformdirs
-
-    return Path(platformdirs.user_cache_dir("nem-study")) / "data"
 
 
 def spec_hash(spec: DataConfig) -> str:
