@@ -260,6 +260,19 @@ def _key_problem(loc: tuple, key: Any, where: str) -> InitErrorDetails | None:
     return None
 
 
+def _value_problems(base_raw: dict[str, Any], base_errors: set, key: str,
+                    values: list[tuple[tuple, Any]]) -> list[InitErrorDetails]:
+    """The one check of a grid value or a search-space end or choice: each ``(place, value)`` set at
+    ``key`` over the base is blamed for errors at its own key, and for errors elsewhere that the base
+    alone does not have, so a broken base is reported once (under ``base``), not under every value."""
+    problems = []
+    for place, value in values:
+        for loc, kind, msg, _ in _errors(_with_values(base_raw, {key: value})):
+            if loc == tuple(str(key).split(".")) or (loc, msg) not in base_errors:
+                problems.append(_detail(place, kind, msg, value))
+    return problems
+
+
 def _space_problems(base_raw: dict[str, Any], space: dict[str, Any], grid: dict[str, Any]) -> list[InitErrorDetails]:
     """Search keys like grid keys; each end of a range and each choice must give a valid run config."""
     base_errors = set((loc, msg) for loc, _, msg, _ in _errors(base_raw))
@@ -277,23 +290,17 @@ def _space_problems(base_raw: dict[str, Any], space: dict[str, Any], grid: dict[
         values = [(f"{key}.{end}", spec[end]) for end in ("low", "high") if end in spec]
         if isinstance(spec.get("choices"), list):
             values = [(f"{key}.choices[{i}]", v) for i, v in enumerate(spec["choices"])]
-        for where, value in values:
-            for err_loc, kind, msg, _ in _errors(_with_values(base_raw, {key: value})):
-                if err_loc == tuple(key.split(".")) or (err_loc, msg) not in base_errors:
-                    problems.append(_detail(("search", "space", where), kind, msg, value))
+        problems += _value_problems(base_raw, base_errors, key, [(("search", "space", w), v) for w, v in values])
     return problems
 
 
 def _grid_problems(base_raw: dict[str, Any], grid: dict[str, Any]) -> list[InitErrorDetails]:
     """Every problem of the grid: unknown keys, empty lists, values that break the run config.
 
-    A value is blamed for errors at its own key, and for errors elsewhere that the base alone
-    does not have: a broken base is reported once (under ``base``), not under every value.
     """
     base_errors = set((loc, msg) for loc, _, msg, _ in _errors(base_raw))
     problems = []
     for key, values in grid.items():
-        parts = str(key).split(".")
         if (problem := _key_problem(("grid", str(key)), key, "a grid")) is not None:
             problems.append(problem)
             continue
@@ -301,10 +308,8 @@ def _grid_problems(base_raw: dict[str, Any], grid: dict[str, Any]) -> list[InitE
             problems.append(_detail(("grid", key), "grid_values", "expected a non-empty list of values",
                                     values))
             continue
-        for i, value in enumerate(values):
-            for loc, kind, msg, _ in _errors(_with_values(base_raw, {key: value})):
-                if loc == tuple(parts) or (loc, msg) not in base_errors:
-                    problems.append(_detail(("grid", f"{key}[{i}]"), kind, msg, value))
+        problems += _value_problems(base_raw, base_errors, key,
+                                    [(("grid", f"{key}[{i}]"), value) for i, value in enumerate(values)])
     return problems
 
 
