@@ -16,10 +16,9 @@ from __future__ import annotations
 import errno
 import os
 
+from nem_study.config import SPLITS
 from nem_study.inputs import InputError, human
 from nem_study.machine import available_memory, free_disk, mapping_limit
-
-SPLITS = ("train", "valid", "test")
 
 
 class DiskFull(InputError):

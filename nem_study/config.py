@@ -17,6 +17,7 @@ from nem_study import inputs
 from nem_study.inputs import InputError  # defined with the guarded reader; imported from here too
 
 DataName = Literal["static_shapes", "flying_shapes", "flying_mnist"]
+SPLITS = ("train", "valid", "test")   # a data set's splits, each a field of DataConfig (its size)
 
 
 class Strict(BaseModel):

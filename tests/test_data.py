@@ -143,7 +143,7 @@ def test_binding_sprites_are_the_pictures_of_the_spec():
     assert all(not s.flags.writeable for s in shapes.SPRITES)
     outline = shapes.sprite_set("outline").sprites
     assert [int(s.sum()) for s in outline] == [24, 24, 24] and outline[0][1:-1, 1:-1].sum() == 0
-    assert shapes.MIN_FRAME == 12 and shapes.SPRITE_SIZE.tolist() == [[7, 7], [7, 12], [7, 12]]
+    assert shapes.sprite_set().size.tolist() == [[7, 7], [7, 12], [7, 12]]
     with pytest.raises(ValueError, match="sprite set"):
         shapes.sprite_set("thick")
 

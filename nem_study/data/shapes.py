@@ -9,8 +9,7 @@ apex down = apex up flipped vertically), indexed by the sprite type drawn per ob
   figure: a square with a 3x3 hole (40 on-pixels) and triangles of 48 on-pixels;
 * ``"outline"``: the 1-pixel outlines this project used before (24 on-pixels each).
 
-:func:`sprite_set` returns a set's arrays; the module-level :data:`SPRITES`, :data:`SPRITE_SIZE`,
-:data:`SPRITE_OFFSETS` are those of the default set, :data:`MIN_FRAME` the largest extent of any.
+:func:`sprite_set` returns a set's arrays; the module-level :data:`SPRITES` are the default set's.
 
 Rendering is vectorised: every object's on-pixels become flat indices into the output block,
 and the label map is updated with one gather and one scatter per object (no per-image loop).
@@ -113,11 +112,6 @@ def _build(name: str) -> SpriteSet:
 
 
 SPRITES = sprite_set().sprites
-#: (height, width) of each sprite of the default set
-SPRITE_SIZE = sprite_set().size
-SPRITE_OFFSETS = sprite_set().offsets
-#: largest sprite extent of any set, the smallest frame that can hold every sprite
-MIN_FRAME = max(int(sprite_set(n).size.max()) for n in SPRITE_SETS)
 
 
 def render_sprites(types: np.ndarray, top: np.ndarray, left: np.ndarray, size: int,

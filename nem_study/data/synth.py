@@ -26,12 +26,11 @@ from dataclasses import dataclass
 import numpy as np
 
 from nem_study.capacity import check_in_memory
-from nem_study.config import DataConfig, InputError
+from nem_study.config import SPLITS, DataConfig, InputError
 import nem_study.data.sequences as sequences
 import nem_study.data.shapes as shapes
 from nem_study.data.mnist import Mnist, load_mnist
 
-SPLITS = ("train", "valid", "test")
 BLOCK = 1000
 
 MnistArg = Mnist | str | os.PathLike | None
