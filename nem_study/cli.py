@@ -248,17 +248,11 @@ def print_trials(study_path: str, study, trials) -> None:
         print(f"  {t.index:>4}  {t.name if study.search is None else cell_name(t.cell) or '(no grid)'}")
 
 
-def _flat(config) -> dict[str, object]:
-    """``{"model.k": 3, ...}``: a resolved run config, key by key."""
-    return {f"{section}.{key}": value for section, fields in config.model_dump(mode="json").items()
-            for key, value in fields.items()}
-
-
 def cmd_config(args: argparse.Namespace) -> int:
     """``config show``: a run config resolved, or a study's base and each trial's differences."""
     import yaml
 
-    from nem_study.config import load_run_config, read_yaml
+    from nem_study.config import flat, load_run_config, read_yaml
     from nem_study.study_config import load_study_config
     from nem_study.trials import expand_trials
 
@@ -268,11 +262,11 @@ def cmd_config(args: argparse.Namespace) -> int:
         return 0
     study = load_study_config(args.config, args.overrides)
     resolved = study.run_config({}, study.base.train.seed)
-    base = _flat(resolved)
+    base = flat(resolved)
     print(f"# study {study.name!r}: the resolved base run config")
     print(yaml.safe_dump({"base": resolved.model_dump(mode="json")}, sort_keys=False), end="")
     print("# each trial: the keys where it differs from the base")
-    trials = {t.name: {k: v for k, v in _flat(t.config).items() if v != base[k]} for t in expand_trials(study)}
+    trials = {t.name: {k: v for k, v in flat(t.config).items() if v != base[k]} for t in expand_trials(study)}
     print(yaml.safe_dump({"trials": trials}, sort_keys=False), end="")
     return 0
 

@@ -76,6 +76,12 @@ def _fill_defaults(raw: dict[str, Any], only: str | None = None) -> dict[str, An
     return filled[only] if only else {**raw, **filled}
 
 
+def flat(config: RunConfig) -> dict[str, Any]:
+    """``{"model.k": 3, ...}``: a resolved run config key by key, its values as JSON has them."""
+    return {f"{section}.{key}": value for section, fields in config.model_dump(mode="json").items()
+            for key, value in fields.items()}
+
+
 def replace(config: RunConfig, changes: dict[str, Any]) -> RunConfig:
     """A copy of ``config`` with dotted keys changed: ``replace(cfg, {"train.threads": 1})``.
     For values a validated config leaves open (threads, checkpoint folder); configs are frozen."""

@@ -33,7 +33,7 @@ class Experiment:
 
 
 def tune_experiments(study: StudyConfig, trials: list[TrialSpec]) -> list[Experiment]:
-    """A grid: one experiment over all trial indices. A search: one experiment per grid cell.
+    """A grid: one experiment over the grid keys and seeds. A search: one experiment per grid cell.
 
     Optuna samples within one Tune experiment but cannot take a ``grid_search``, so the grid
     cells run one after another, each with its own sampler seeded by ``search.seed``.
@@ -90,7 +90,7 @@ def _tune_domain(spec: SpaceConfig) -> Any:
 
 
 def tuner(study: StudyConfig, trials: list[TrialSpec], experiment: Experiment, uri: str, parent_run_id: str,
-           verbose: int, resume: bool):
+          verbose: int, resume: bool):
     """A new Tuner for ``experiment``, or with ``resume`` the interrupted one restored from storage."""
     from ray import tune
 

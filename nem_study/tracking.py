@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from nem_study import contract
-from nem_study.config import InputError, RunConfig
+from nem_study.config import InputError, RunConfig, flat
 from nem_study.contract import (AMI_PER_STEP, CELL_TAG, CHECKPOINT, EVALUATIONS, KIND_TAG, PARENT_TAG, SAMPLED_TAG,
                                 SEED_TAG, STUDY_RESOLVED, STUDY_TAG, TEST_METRICS, TRIAL_TAG, TRIALS,
                                 http_unreachable, resolve_uri)
@@ -144,8 +144,7 @@ def end_parent(uri: str, run_id: str, finished: int, failed: int, interrupted: b
 
 def flatten(config: RunConfig) -> dict[str, str]:
     """``{"model.k": "3", ...}``: the resolved run config as MLflow params."""
-    return {f"{section}.{key}": str(value)
-            for section, fields in config.model_dump(mode="json").items() for key, value in fields.items()}
+    return {key: str(value) for key, value in flat(config).items()}
 
 
 def start_child(uri: str, parent_run_id: str, trial: dict[str, Any], config: RunConfig) -> str:

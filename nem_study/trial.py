@@ -24,9 +24,8 @@ def trial_index(study: StudyConfig, config: dict[str, Any]) -> int:
     studies), or ``config["trial"]`` (a search, or a study started before the grid reached Tune)."""
     if "trial" in config:
         return config["trial"]
-    cell = [config[key] for key in study.grid]
-    seed = config["train.seed"] - study.base.train.seed
-    return grid_cells(study.grid).index(dict(zip(study.grid, cell))) * study.seeds + seed
+    cell = {key: config[key] for key in study.grid}
+    return grid_cells(study.grid).index(cell) * study.seeds + config["train.seed"] - study.base.train.seed
 
 
 def run_trial(config: dict[str, Any], *, trials: list[dict[str, Any]], study: StudyConfig, tracking_uri: str,
