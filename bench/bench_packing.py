@@ -3,7 +3,7 @@
 - ``--mode ray``: N = 1, 2, 4, 8 Ray tasks, each asking for 1/N of the GPU, each training the
   flying-shapes network (batch 64, T = 20) for the same ``--seconds`` after a warm-up; the
   aggregate rate is the sum of their sequences / s.
-- ``--mode ensemble``: N members stacked in one process (``nem_study.ensemble.Stack``, the
+- ``--mode ensemble``: N members stacked in one process (``nem_study.members.Stack``, the
   ``ensemble: true`` study mode): one vmapped step trains all N; the aggregate rate is N x batch
   x steps / s.
 
@@ -53,7 +53,7 @@ def ensemble_rate(n: int, seconds: float, device: str, precision: str, batch: in
     import torch
 
     from nem_study.config import RunConfig
-    from nem_study.ensemble import Stack
+    from nem_study.members import Stack
     from nem_study.model import NEM
     from nem_study.batches import corrupt, to_steps
     from nem_study.step import GraphedStep
@@ -78,7 +78,7 @@ def ensemble_rate(n: int, seconds: float, device: str, precision: str, batch: in
         xs, ts = zip(*(to_steps(frames[e], cfg.steps, False) for e in range(n)))
         x_tilde = corrupt(torch.stack(xs), cfg.noise, gen)                 # (N, T, B, 1, H, W)
         noise = torch.randn((n, batch, K, 1, S, S), generator=gen, device=dev)
-        graphed(x_tilde, torch.stack(ts), noise)[0].sum().item()  # as fit_ensemble reads the losses
+        graphed(x_tilde, torch.stack(ts), noise)[0].sum().item()  # as fit reads the losses
 
     for _ in range(5 if graph else 1):
         step()

@@ -76,7 +76,7 @@ def direct_trial(config_json: dict) -> tuple[float, float, float]:
 
     from nem_study import data
     from nem_study.config import RunConfig
-    from nem_study.train import fit_curriculum
+    from nem_study.curriculum import fit_curriculum
 
     torch.set_num_threads(1)
     cfg = RunConfig.model_validate(config_json)

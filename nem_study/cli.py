@@ -159,7 +159,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from nem_study.checkpoints import load_checkpoint
     from nem_study.data.store import check_space
     from nem_study.plots import training_curves
-    from nem_study.train import fit_curriculum
+    from nem_study.curriculum import fit_curriculum
 
     check_batch(cfg)  # a batch or a data set that cannot fit: refused before anything is made
     check_space(cfg.data)

@@ -14,7 +14,7 @@ from typing import Any
 
 from nem_study import contract
 from nem_study.study_config import SpaceConfig, StudyConfig, cell_name
-from nem_study.trial import run_ensemble_trial, run_trial, trial_index
+from nem_study.trial import run_trial, trial_index
 from nem_study.trials import TrialSpec, sampled_name
 
 CHECKPOINTS_KEPT = 2          # Tune's copies per trial; each holds last.pt (resume) and best.pt
@@ -40,7 +40,7 @@ def tune_experiments(study: StudyConfig, trials: list[TrialSpec]) -> list[Experi
     """
     from ray import tune
 
-    if study.ensemble:  # one Tune trial per grid cell, its seeds stacked (run_ensemble_trial)
+    if study.ensemble:  # one Tune trial per grid cell, its seeds stacked (run_trial with config["members"])
         cells = [trials[i:i + study.seeds] for i in range(0, len(trials), study.seeds)]
         return [Experiment(
             study.name, {"members": tune.grid_search([[t.index for t in cell] for cell in cells])},
@@ -97,7 +97,7 @@ def tuner(study: StudyConfig, trials: list[TrialSpec], experiment: Experiment, u
     from nem_study import data
 
     trainable = tune.with_parameters(
-        run_ensemble_trial if study.ensemble else run_trial, trials=[t.to_json() for t in trials], study=study, tracking_uri=uri,
+        run_trial, trials=[t.to_json() for t in trials], study=study, tracking_uri=uri,
         parent_run_id=parent_run_id, data_dir=str(data.data_dir().resolve()),
         threads=max(1, int(study.resources.cpu)))
     trainable = tune.with_resources(trainable, {"cpu": study.resources.cpu, "gpu": study.resources.gpu})

@@ -55,7 +55,7 @@ def _start_ray(address: str | None, num_cpus: int | None, num_gpus: int | None =
 def data_specs(study: StudyConfig, trials: list[TrialSpec]) -> list[Any]:
     """Every data set the trials and their evaluations read (curriculum stages too), once each."""
     from nem_study.evaluate import test_spec
-    from nem_study.train import curriculum_stages
+    from nem_study.curriculum import curriculum_stages
 
     specs = {}
     for trial in trials:

@@ -2,7 +2,7 @@
 
 It trains in its Tune trial folder, reports every epoch to Tune (with its checkpoint folder)
 and to MLflow (``nem_study.tracking``), and on a restart after a failure resumes from Tune's
-last checkpoint. ``run_ensemble_trial`` does the same for the stacked seeds of one grid cell.
+last checkpoint; with ``ensemble: true`` one trial trains the stacked seeds of one grid cell.
 """
 
 from __future__ import annotations
@@ -33,44 +33,66 @@ def run_trial(config: dict[str, Any], *, trials: list[dict[str, Any]], study: St
     """Train one trial; every epoch goes to Tune (with its checkpoint) and to MLflow.
 
     ``config`` holds a grid cell's values and ``train.seed`` (see ``trial_index``); with a search,
-    ``config["trial"]`` is the index of a TrialSpec and ``config["space"]`` holds
-    the values sampled for this trial, set over the TrialSpec's grid cell. The seconds spent
-    before training, in training and testing (of which reporting epochs to Tune and MLflow),
-    and in the evaluations go to MLflow as ``trial_*_seconds`` (what a trial costs beyond its
-    training: BENCHMARKS.md).
+    ``config["trial"]`` is the index of a TrialSpec and ``config["space"]`` holds the values
+    sampled for this trial, set over the TrialSpec's grid cell. With ``ensemble: true``,
+    ``config["members"]`` are the TrialSpec indices of one grid cell's seeds, trained together by
+    ``fit`` as one stack, each seed in its own MLflow child run, its panels in ``seed<s>/`` of the
+    trial folder; Tune then sees the members' mean losses and AMI, and one checkpoint folder
+    holding every member's. The seconds spent before training, in training and testing (of which
+    reporting epochs to Tune and MLflow), and in the evaluations go to MLflow as
+    ``trial_*_seconds`` (what a trial costs beyond its training: BENCHMARKS.md).
     """
     t_start = time.monotonic()
     from ray import tune
 
     from nem_study import data
-    from nem_study.train import fit_curriculum
+    from nem_study.curriculum import fit_curriculum
+    from nem_study.train import NonFiniteLoss, fit, member_dir
 
-    trial = trials[trial_index(study, config)]
     os.environ["NEM_DATA_DIR"] = data_dir  # the cache the driver sees, whatever the worker's env
-    sampled = config.get("space") or {}
-    if sampled:
-        cfg = study.run_config({**trial["cell"], **sampled}, trial["seed"])
-        trial = {**trial, "name": tune.get_context().get_trial_name(), "sampled": sampled}
+    trial_dir = Path(tune.get_context().get_trial_dir())  # synced to storage: the panels
+    stacked = "members" in config
+    if stacked:
+        members = [trials[i] for i in config["members"]]
+        cfgs = [RunConfig.model_validate(m["config"]) for m in members]
+        panels = [member_dir(trial_dir, m["seed"]) / "groupings.png" for m in members]
     else:
-        cfg = RunConfig.model_validate(trial["config"])
-    cfg = replace(cfg, {"train.threads": cfg.train.threads or threads})
-    run_id = tracking.start_child(tracking_uri, parent_run_id, trial, cfg)
+        trial = trials[trial_index(study, config)]
+        sampled = config.get("space") or {}
+        if sampled:
+            cfg = study.run_config({**trial["cell"], **sampled}, trial["seed"])
+            trial = {**trial, "name": tune.get_context().get_trial_name(), "sampled": sampled}
+        else:
+            cfg = RunConfig.model_validate(trial["config"])
+        members, cfgs, panels = [trial], [cfg], [trial_dir / "groupings.png"]
+    for panel in panels:
+        panel.parent.mkdir(parents=True, exist_ok=True)
+    cfgs = [replace(c, {"train.threads": c.train.threads or threads}) for c in cfgs]
+    run_ids = [tracking.start_child(tracking_uri, parent_run_id, m, c) for m, c in zip(members, cfgs)]
     # After a restart or a resumed study, epochs between the last checkpoint and the crash run
     # again; MLflow keeps their first values, so each epoch is in the history once.
-    logged = tracking.logged_iterations(tracking_uri, run_id)
-    trial_dir = Path(tune.get_context().get_trial_dir())  # synced to storage: the panels
-    panel = trial_dir / "groupings.png"
+    logged = [tracking.logged_iterations(tracking_uri, r) for r in run_ids]
     # The trainer's own last.pt/best.pt stay out of the synced folder: Tune copies them to
     # storage as its checkpoints already, and they are large (40 MB for flying shapes).
     checkpoint_dir = Path(tempfile.mkdtemp(prefix="nem-checkpoints-"))
-    cfg = replace(cfg, {"train.checkpoint_dir": str(checkpoint_dir)})
+    cfgs = [replace(c, {"train.checkpoint_dir": str(checkpoint_dir)}) for c in cfgs]
 
     reporting = [0.0]  # seconds spent handing epochs to MLflow and Tune (inside the fit)
 
     def report(metrics: dict[str, Any], ckpt_dir: Path | None) -> None:
         t0 = time.monotonic()
-        if int(metrics["iteration"]) not in logged:
-            tracking.log_epoch(tracking_uri, run_id, metrics)
+        by_member = metrics if stacked else {0: metrics}
+        for e, m in by_member.items():
+            m = {"stage": 1, "iteration": m["epoch"]} | m  # a curriculum's stage and epoch over all stages
+            if int(m["iteration"]) not in logged[e]:
+                tracking.log_epoch(tracking_uri, run_ids[e], m)
+        if stacked:
+            mean = {key: sum(m[key] for m in by_member.values()) / len(by_member)
+                    for key in ("train_loss", "valid_loss", "valid_ami", "valid_ami_mean", "valid_ami_last",
+                                "best_valid_loss")}
+            epoch = next(iter(by_member.values()))["epoch"]
+            metrics = mean | {"epoch": epoch, "iteration": epoch, "members_training": len(by_member),
+                              "sequences_per_second": sum(m["sequences_per_second"] for m in by_member.values())}
         checkpoint = tune.Checkpoint.from_directory(str(ckpt_dir)) if ckpt_dir else None
         tune.report(metrics, checkpoint=checkpoint)
         reporting[0] += time.monotonic() - t0
@@ -78,87 +100,33 @@ def run_trial(config: dict[str, Any], *, trials: list[dict[str, Any]], study: St
     try:
         resume = restore_checkpoint(tune.get_checkpoint(), checkpoint_dir)
         t_fit = time.monotonic()
-        result = fit_curriculum(cfg, lambda spec, split: data.load(spec, split, progress=False),
-                                report=report, resume=resume, panel=panel)
-        t_evaluations = time.monotonic()
-        evaluations = run_evaluations(study, cfg, result.get("checkpoint"), trial_dir)
-        result |= {"trial_setup_seconds": t_fit - t_start, "trial_fit_seconds": t_evaluations - t_fit,
-                   "trial_report_seconds": reporting[0],
-                   "trial_evaluations_seconds": time.monotonic() - t_evaluations}
-        tracking.log_final(tracking_uri, run_id, result, evaluations, panel)
-    except SystemExit:  # Tune stopped the trial (the scheduler, or the study ending): not a failure
-        tracking.mark_stopped(tracking_uri, run_id, "stopped by Ray Tune (the scheduler, or the study interrupted)")
-        raise
-    except BaseException as e:
-        tracking.mark_failed(tracking_uri, run_id, e)
-        raise  # Ray marks the trial failed (and restarts it up to max_failures times)
-    finally:
-        shutil.rmtree(checkpoint_dir, ignore_errors=True)  # this worker may run the next trial
-
-
-def run_ensemble_trial(config: dict[str, Any], *, trials: list[dict[str, Any]], study: StudyConfig,
-                       tracking_uri: str, parent_run_id: str, data_dir: str, threads: int) -> None:
-    """``ensemble: true``: the seeds of one grid cell (``config["members"]``, TrialSpec indices)
-    trained together by ``fit_ensemble`` in one Tune trial, each seed in its own MLflow child run.
-
-    Tune sees the members' mean losses and AMI per epoch and one checkpoint folder holding
-    every member's (``seed<s>/``); each seed's panels are in ``seed<s>/`` of the trial folder.
-    """
-    t_start = time.monotonic()
-    from ray import tune
-
-    from nem_study import data
-    from nem_study.ensemble import fit_ensemble, member_dir
-    from nem_study.train import NonFiniteLoss
-
-    members = [trials[i] for i in config["members"]]
-    os.environ["NEM_DATA_DIR"] = data_dir
-    cfgs = [RunConfig.model_validate(m["config"]) for m in members]
-    run_ids = [tracking.start_child(tracking_uri, parent_run_id, m, c) for m, c in zip(members, cfgs)]
-    logged = [tracking.logged_iterations(tracking_uri, r) for r in run_ids]
-    trial_dir = Path(tune.get_context().get_trial_dir())
-    panels = [member_dir(trial_dir, m["seed"]) / "groupings.png" for m in members]
-    for panel in panels:
-        panel.parent.mkdir(parents=True, exist_ok=True)
-    checkpoint_dir = Path(tempfile.mkdtemp(prefix="nem-checkpoints-"))  # as in run_trial
-    cfgs = [replace(c, {"train.threads": c.train.threads or threads, "train.checkpoint_dir": str(checkpoint_dir)})
-            for c in cfgs]
-
-    def report(by_member: dict[int, dict[str, Any]], ckpt_dir: Path | None) -> None:
-        for e, metrics in by_member.items():
-            if metrics["epoch"] not in logged[e]:
-                tracking.log_epoch(tracking_uri, run_ids[e], metrics | {"stage": 1, "iteration": metrics["epoch"]})
-        mean = {key: sum(m[key] for m in by_member.values()) / len(by_member)
-                for key in ("train_loss", "valid_loss", "valid_ami", "valid_ami_mean", "valid_ami_last",
-                            "best_valid_loss")}
-        epoch = next(iter(by_member.values()))["epoch"]
-        summary = mean | {"epoch": epoch, "iteration": epoch, "members_training": len(by_member),
-                          "sequences_per_second": sum(m["sequences_per_second"] for m in by_member.values())}
-        tune.report(summary, checkpoint=tune.Checkpoint.from_directory(str(ckpt_dir)) if ckpt_dir else None)
-
-    try:
-        resume = restore_checkpoint(tune.get_checkpoint(), checkpoint_dir)
-        t_fit = time.monotonic()
-        splits = {split: data.load(cfgs[0].data, split, progress=False) for split in ("train", "valid", "test")}
-        results = fit_ensemble(cfgs, splits, report=report, resume=resume, panel=lambda e: panels[e])
-        t_evaluations = time.monotonic()
+        if stacked:
+            splits = {split: data.load(cfgs[0].data, split, progress=False) for split in ("train", "valid", "test")}
+            results = fit(cfgs, splits, report=report, resume=resume, panel=lambda e: panels[e])
+        else:
+            results = [fit_curriculum(cfgs[0], lambda spec, split: data.load(spec, split, progress=False),
+                                      report=report, resume=resume, panel=panels[0])]
+        t_fitted = time.monotonic()
         for e, result in enumerate(results):
-            if "failed" in result:
+            if "failed" in result:  # an ensemble member whose loss became non-finite
                 tracking.mark_failed(tracking_uri, run_ids[e], NonFiniteLoss(result["failed"]))
                 continue
+            t_evaluations = time.monotonic()
             evaluations = run_evaluations(study, cfgs[e], result.get("checkpoint"), panels[e].parent)
-            result |= {"trial_setup_seconds": t_fit - t_start, "trial_fit_seconds": t_evaluations - t_fit}
+            result |= {"trial_setup_seconds": t_fit - t_start, "trial_fit_seconds": t_fitted - t_fit,
+                       "trial_report_seconds": reporting[0],
+                       "trial_evaluations_seconds": time.monotonic() - t_evaluations}
             tracking.log_final(tracking_uri, run_ids[e], result, evaluations, panels[e])
-    except SystemExit:
+    except SystemExit:  # Tune stopped the trial (the scheduler, or the study ending): not a failure
         for run_id in run_ids:
-            tracking.mark_stopped(tracking_uri, run_id, "stopped by Ray Tune")
+            tracking.mark_stopped(tracking_uri, run_id, "stopped by Ray Tune (the scheduler, or the study interrupted)")
         raise
     except BaseException as e:
         for run_id in run_ids:
             tracking.mark_failed(tracking_uri, run_id, e)
-        raise
+        raise  # Ray marks the trial failed (and restarts it up to max_failures times)
     finally:
-        shutil.rmtree(checkpoint_dir, ignore_errors=True)
+        shutil.rmtree(checkpoint_dir, ignore_errors=True)  # this worker may run the next trial
 
 
 def run_evaluations(study: StudyConfig, cfg: RunConfig, checkpoint: str | None, trial_dir: Path) -> list[dict[str, Any]]:

@@ -561,7 +561,7 @@ def test_a_study_prepares_the_evaluation_data_of_a_curriculums_last_stage(data_d
     from nem_study.trials import expand_trials
     from nem_study.evaluate import test_spec
     from nem_study.study import prepare_data
-    from nem_study.train import curriculum_stages
+    from nem_study.curriculum import curriculum_stages
 
     study = StudyConfig.model_validate({
         "name": "s", "base": {"data": {"name": "flying_mnist", "train": 4, "valid": 2, "test": 2,

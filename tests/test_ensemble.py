@@ -9,7 +9,6 @@ import torch
 
 from nem_study.checkpoints import load_checkpoint
 from nem_study.config import InputError, RunConfig
-from nem_study.ensemble import fit_ensemble
 from nem_study.train import fit
 
 from conftest import make_splits
@@ -46,7 +45,7 @@ def test_each_member_trains_as_fit_trains_it_alone(tmp_path, case):
     cfgs = [cfg_for(tmp_path / "ens", s, data, model) for s in seeds]
     splits = make_splits(cfgs[0])
     reports = []
-    together = fit_ensemble(cfgs, splits, report=lambda by_member, root: reports.append(by_member))
+    together = fit(cfgs, splits, report=lambda by_member, root: reports.append(by_member))
     assert [sorted(r) for r in reports] == [[0, 1], [0, 1]]
     for e, seed in enumerate(seeds):
         alone = fit(cfg_for(tmp_path / f"alone{seed}", seed, data, model), splits)
@@ -67,11 +66,11 @@ def test_each_member_trains_as_fit_trains_it_alone(tmp_path, case):
 
 def test_resume_continues_the_ensemble_exactly(tmp_path):
     data, model = CASES["rnn_em static fc"]
-    straight = fit_ensemble([cfg_for(tmp_path / "a", s, data, model) for s in (0, 1)], make_splits(
+    straight = fit([cfg_for(tmp_path / "a", s, data, model) for s in (0, 1)], make_splits(
         cfg_for(tmp_path, 0, data, model)))
     splits = make_splits(cfg_for(tmp_path, 0, data, model))
-    fit_ensemble([cfg_for(tmp_path / "b", s, data, model, max_epochs=1) for s in (0, 1)], splits)
-    resumed = fit_ensemble([cfg_for(tmp_path / "b", s, data, model) for s in (0, 1)], splits, resume=tmp_path / "b")
+    fit([cfg_for(tmp_path / "b", s, data, model, max_epochs=1) for s in (0, 1)], splits)
+    resumed = fit([cfg_for(tmp_path / "b", s, data, model) for s in (0, 1)], splits, resume=tmp_path / "b")
     for s, r in zip((0, 1), resumed, strict=True):
         a = load_checkpoint(tmp_path / "a" / f"seed{s}" / "last.pt")
         b = load_checkpoint(tmp_path / "b" / f"seed{s}" / "last.pt")
@@ -88,7 +87,7 @@ def test_members_stop_early_on_their_own(tmp_path):
     lr 0.1: under the TF init (NEM_SPEC.md §3) 0.05 let all three members improve for 6 epochs."""
     data, model = CASES["rnn_em static fc"]
     cfgs = [cfg_for(tmp_path, s, data, model, max_epochs=6, patience=1, lr=0.1) for s in (0, 1, 2)]
-    results = fit_ensemble(cfgs, make_splits(cfgs[0]))
+    results = fit(cfgs, make_splits(cfgs[0]))
     for r in results:
         assert r["stop_reason"] in ("early_stopping", "max_epochs")
         if r["stop_reason"] == "early_stopping":
@@ -101,9 +100,9 @@ def test_a_member_with_a_non_finite_loss_fails_alone(tmp_path, monkeypatch):
     data, model = CASES["rnn_em static fc"]
     cfgs = [cfg_for(tmp_path, s, data, model) for s in (0, 1)]
     splits = make_splits(cfgs[0])
-    from nem_study import ensemble
+    from nem_study import members
 
-    real = ensemble.Stack.losses
+    real = members.Stack.losses
 
     def poisoned(self, x_tilde, targets, noise):  # the second member's loss: NaN
         loss, intra, inter = real(self, x_tilde, targets, noise)
@@ -111,18 +110,18 @@ def test_a_member_with_a_non_finite_loss_fails_alone(tmp_path, monkeypatch):
             loss = loss * torch.tensor([1.0, math.nan])
         return loss, intra, inter
 
-    monkeypatch.setattr(ensemble.Stack, "losses", poisoned)
-    results = fit_ensemble(cfgs, splits)
+    monkeypatch.setattr(members.Stack, "losses", poisoned)
+    results = fit(cfgs, splits)
     assert "failed" not in results[0] and results[0]["epochs"] == 2 and math.isfinite(results[0]["test_loss"])
     assert results[1]["failed"].startswith("non-finite loss (nan) at epoch 1, batch 1 of 4")
     assert (tmp_path / "seed1" / "failed.txt").read_text() == results[1]["failed"]
-    resumed = fit_ensemble(cfgs, splits, resume=tmp_path)  # a restart leaves the failed member out
+    resumed = fit(cfgs, splits, resume=tmp_path)  # a restart leaves the failed member out
     assert resumed[1] == results[1] and resumed[0]["test_loss"] == results[0]["test_loss"]
 
 
 def test_members_must_be_one_grid_cell(tmp_path):
     data, model = CASES["rnn_em static fc"]
     with pytest.raises(InputError, match="differ only in train.seed"):
-        fit_ensemble([cfg_for(tmp_path, 0, data, model), cfg_for(tmp_path, 1, data, model, lr=0.01)], {})
+        fit([cfg_for(tmp_path, 0, data, model), cfg_for(tmp_path, 1, data, model, lr=0.01)], {})
     with pytest.raises(InputError, match="distinct train.seed"):
-        fit_ensemble([cfg_for(tmp_path, 0, data, model), cfg_for(tmp_path, 0, data, model)], {})
+        fit([cfg_for(tmp_path, 0, data, model), cfg_for(tmp_path, 0, data, model)], {})

@@ -188,7 +188,7 @@ NPZ = __import__("pathlib").Path(__file__).resolve().parents[1].parent / "shared
 @pytest.mark.skipif(not NPZ.is_file(), reason=f"{NPZ} not present")
 def test_a_curriculum_trains_stage_after_stage_and_a_resume_skips_finished_stages(tmp_path, monkeypatch):
     from nem_study import data
-    from nem_study.train import curriculum_stages, fit_curriculum
+    from nem_study.curriculum import curriculum_stages, fit_curriculum
 
     monkeypatch.setenv("NEM_MNIST", str(NPZ))
     cfg = RunConfig(
