@@ -49,7 +49,7 @@ def tune_experiments(study: StudyConfig, trials: list[TrialSpec]) -> list[Experi
     if study.search is None:
         # The grid itself, so Tune's table and trial configs read model.k=3, train.seed=0.
         space = {key: tune.grid_search(values) for key, values in study.grid.items()}
-        space["train.seed"] = tune.grid_search([study.base.train.seed + i for i in range(study.seeds)])
+        space["train.seed"] = tune.grid_search(study.seed_values)
         return [Experiment(study.name, space, lambda t: trials[trial_index(study, t.config)].name,
                             lambda t: trial_dirname(trials[trial_index(study, t.config)]))]
 

@@ -20,6 +20,7 @@ from nem_study.config import InputError
 from nem_study.experiments import Experiment, join, result_names, storage_path, tune_experiments, tuner
 from nem_study.guards import check_address, check_unchanged, driver_lock
 from nem_study.study_config import StudyConfig
+from nem_study.trial import OUTCOMES, RUN_IDS
 from nem_study.trials import TrialSpec, expand_trials
 
 CPUS_ENV = "NEM_RAY_CPUS"     # CPUs of a local Ray instance (default: all of this machine)
@@ -147,32 +148,34 @@ def _drive(study: StudyConfig, study_yaml: str | Path, trials: list[TrialSpec], 
             ray.shutdown()
 
     result = StudyResult(parent_run_id, interrupted=interrupted)
+    for run_id in tally(result, rows, trials, study):  # their workers may have gone before they could say so
+        tracking.mark_stopped(uri, run_id, "stopped early by the scheduler (ASHA)")
+    # Interrupted, the parent stays open to `nem-study resume`; its trials' runs are left as they are.
+    tracking.end_parent(uri, parent_run_id, len(result.finished), len(result.failed), interrupted=interrupted)
+    return result
+
+
+def tally(result: StudyResult, rows: list[Any], trials: list[TrialSpec], study: StudyConfig) -> list[str]:
+    """Each trial's status from Tune's ResultGrid rows, into ``result``: an error (failed), its
+    outcome as its last result (finished, or an ensemble member failed alone), ended without one
+    (stopped early by ASHA), or neither (left at Ctrl-C, for resume). Returns the MLflow run ids
+    of the stopped trials."""
+    stopped_runs = []
     for r in rows:
+        outcomes = r.metrics.get(OUTCOMES) if r.error is None else None
         for name in result_names(trials, study, r):
             if r.error is not None:
                 result.failed[name] = str(r.error).strip().splitlines()[-1][:300] if str(r.error).strip() \
                     else type(r.error).__name__
-            elif not interrupted or r.metrics.get("done"):
+            elif outcomes is not None and "failed" in outcomes[name]:
+                result.failed[name] = outcomes[name]["failed"][:300]
+            elif outcomes is not None:
                 result.finished.append(name)
-    if interrupted:   # the parent stays open to `nem-study resume`; its trials' runs are left as they are
-        tracking.end_parent(uri, parent_run_id, len(result.finished), len(result.failed), interrupted=True)
-        return result
-    for run in tracking.child_runs(uri, parent_run_id):
-        name = run.data.tags.get(contract.TRIAL_TAG, run.info.run_name)
-        if run.info.status == "FAILED" and name in result.finished:  # an ensemble member that failed alone
-            result.finished.remove(name)
-            result.failed[name] = run.data.tags.get("failure_reason", "failed")[:300]
-        if run.info.status == "RUNNING" and name not in result.failed:
-            # Its Tune trial ended without an error or a result: stopped early by ASHA, and its
-            # worker went before it could say so.
-            tracking.mark_stopped(uri, run.info.run_id, "stopped early by the scheduler (ASHA)")
-        if run.info.status in ("RUNNING", "KILLED") and name not in result.failed:
-            result.stopped.append(name)
-            if name in result.finished:
-                result.finished.remove(name)
-        ami = run.data.metrics.get("test_ami")
-        cell = run.data.tags.get(contract.CELL_TAG, "{}")
-        if run.info.status == "FINISHED" and ami is not None:
-            result.best_test_ami[cell] = max(ami, result.best_test_ami.get(cell, -1.0))
-    tracking.end_parent(uri, parent_run_id, len(result.finished), len(result.failed))
-    return result
+                cell, ami = outcomes[name]["cell"], outcomes[name]["test_ami"]
+                if ami is not None:
+                    result.best_test_ami[cell] = max(ami, result.best_test_ami.get(cell, -1.0))
+            elif r.metrics.get("done"):
+                result.stopped.append(name)
+        if r.error is None and outcomes is None and r.metrics.get("done"):
+            stopped_runs += r.metrics.get(RUN_IDS, [])
+    return stopped_runs

@@ -216,6 +216,11 @@ class StudyConfig(Strict):
         return RunConfig.model_validate(raw)
 
     @property
+    def seed_values(self) -> list[int]:
+        """Each grid cell's seeds: base.train.seed, +1, ... (``seeds`` of them)."""
+        return [self.base.train.seed + i for i in range(self.seeds)]
+
+    @property
     def experiment(self) -> str:
         return self.tracking.experiment or self.name
 

@@ -7,6 +7,7 @@ last checkpoint; with ``ensemble: true`` one trial trains the stacked seeds of o
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
@@ -18,6 +19,11 @@ from nem_study import tracking
 from nem_study.config import RunConfig, replace
 from nem_study.study_config import StudyConfig, grid_cells
 
+# Keys of a trial's Tune results that the driver reads (``study._drive``): the MLflow child runs
+# of the trial (every result), and, as its last result, each member's outcome.
+RUN_IDS = "mlflow_run_ids"
+OUTCOMES = "outcomes"  # {trial name: {"test_ami": x, "cell": cell JSON} or {"failed": reason}}
+
 
 def trial_index(study: StudyConfig, config: dict[str, Any]) -> int:
     """The TrialSpec index of a Tune trial's config: its grid values and ``train.seed`` (grid
@@ -25,7 +31,7 @@ def trial_index(study: StudyConfig, config: dict[str, Any]) -> int:
     if "trial" in config:
         return config["trial"]
     cell = {key: config[key] for key in study.grid}
-    return grid_cells(study.grid).index(cell) * study.seeds + config["train.seed"] - study.base.train.seed
+    return grid_cells(study.grid).index(cell) * study.seeds + study.seed_values.index(config["train.seed"])
 
 
 def run_trial(config: dict[str, Any], *, trials: list[dict[str, Any]], study: StudyConfig, tracking_uri: str,
@@ -78,6 +84,7 @@ def run_trial(config: dict[str, Any], *, trials: list[dict[str, Any]], study: St
     cfgs = [replace(c, {"train.checkpoint_dir": str(checkpoint_dir)}) for c in cfgs]
 
     reporting = [0.0]  # seconds spent handing epochs to MLflow and Tune (inside the fit)
+    last: list[dict[str, Any]] = [{}]  # the last result Tune got
 
     def report(metrics: dict[str, Any], ckpt_dir: Path | None) -> None:
         t0 = time.monotonic()
@@ -93,8 +100,9 @@ def run_trial(config: dict[str, Any], *, trials: list[dict[str, Any]], study: St
             epoch = next(iter(by_member.values()))["epoch"]
             metrics = mean | {"epoch": epoch, "iteration": epoch, "members_training": len(by_member),
                               "sequences_per_second": sum(m["sequences_per_second"] for m in by_member.values())}
+        last[0] = metrics | {RUN_IDS: run_ids}
         checkpoint = tune.Checkpoint.from_directory(str(ckpt_dir)) if ckpt_dir else None
-        tune.report(metrics, checkpoint=checkpoint)
+        tune.report(last[0], checkpoint=checkpoint)
         reporting[0] += time.monotonic() - t0
 
     try:
@@ -107,9 +115,12 @@ def run_trial(config: dict[str, Any], *, trials: list[dict[str, Any]], study: St
             results = [fit_curriculum(cfgs[0], lambda spec, split: data.load(spec, split, progress=False),
                                       report=report, resume=resume, panel=panels[0])]
         t_fitted = time.monotonic()
+        outcomes = {}
         for e, result in enumerate(results):
             if "failed" in result:  # an ensemble member whose loss became non-finite
-                tracking.mark_failed(tracking_uri, run_ids[e], NonFiniteLoss(result["failed"]))
+                error = NonFiniteLoss(result["failed"])
+                tracking.mark_failed(tracking_uri, run_ids[e], error)
+                outcomes[members[e]["name"]] = {"failed": f"{type(error).__name__}: {error}"}
                 continue
             t_evaluations = time.monotonic()
             evaluations = run_evaluations(study, cfgs[e], result.get("checkpoint"), panels[e].parent)
@@ -117,6 +128,7 @@ def run_trial(config: dict[str, Any], *, trials: list[dict[str, Any]], study: St
                        "trial_report_seconds": reporting[0],
                        "trial_evaluations_seconds": time.monotonic() - t_evaluations}
             tracking.log_final(tracking_uri, run_ids[e], result, evaluations, panels[e])
+            outcomes[members[e]["name"]] = {"test_ami": result.get("test_ami"), "cell": json.dumps(members[e]["cell"])}
     except SystemExit:  # Tune stopped the trial (the scheduler, or the study ending): not a failure
         for run_id in run_ids:
             tracking.mark_stopped(tracking_uri, run_id, "stopped by Ray Tune (the scheduler, or the study interrupted)")
@@ -127,6 +139,10 @@ def run_trial(config: dict[str, Any], *, trials: list[dict[str, Any]], study: St
         raise  # Ray marks the trial failed (and restarts it up to max_failures times)
     finally:
         shutil.rmtree(checkpoint_dir, ignore_errors=True)  # this worker may run the next trial
+    # The outcome as the trial's last result (after the runs are closed, so a stop here cannot
+    # mark them stopped); the epoch keys too, for a trial restored after its last epoch.
+    fallback = {"iteration": results[0]["epochs"], "valid_loss": results[0].get("best_valid_loss"), RUN_IDS: run_ids}
+    tune.report(fallback | last[0] | {OUTCOMES: outcomes})
 
 
 def run_evaluations(study: StudyConfig, cfg: RunConfig, checkpoint: str | None, trial_dir: Path) -> list[dict[str, Any]]:

@@ -32,8 +32,8 @@ def expand_trials(study: StudyConfig) -> list[TrialSpec]:
     """Grid cells x seeds (base.train.seed, +1, ...), seeds innermost; names like ``k=3,objects=3,seed=0``."""
     trials = []
     for cell in grid_cells(study.grid):
-        for i in range(study.seeds):
-            config = study.run_config(cell, study.base.train.seed + i)
+        for seed in study.seed_values:
+            config = study.run_config(cell, seed)
             # The values as validated (YAML reads 1.0e38 as a string; the config has a float).
             typed = {key: getattr(getattr(config, key.split(".")[0]), key.split(".")[1]) for key in cell}
             name = ",".join(filter(None, [cell_name(typed), f"seed={config.train.seed}"]))

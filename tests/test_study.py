@@ -504,3 +504,35 @@ def test_an_ensemble_study_stacks_the_seeds_of_a_cell_and_logs_one_child_run_per
     k3_seed1 = study.run_config({"model.k": 3}, 1)
     alone = fit(k3_seed1, make_splits(k3_seed1))
     assert children["k=3,seed=1"].data.metrics["test_loss"] == pytest.approx(alone["test_loss"], rel=1e-5)
+
+
+def test_trial_status_comes_from_the_result_grid(tmp_path):
+    """``tally`` reads each trial's status from Tune's results alone: an error, its outcome (an
+    ensemble member may fail alone), ended without one (ASHA), or neither (left at Ctrl-C)."""
+    from types import SimpleNamespace
+
+    from nem_study.study import StudyResult, tally
+    from nem_study.trial import OUTCOMES, RUN_IDS
+    from nem_study.trials import expand_trials
+
+    study = load_study_config(study_yaml(tmp_path, "  model.k: [2, 3]", extra="ensemble: true\n"))
+    trials = expand_trials(study)
+    k2, k3 = '{"model.k": 2}', '{"model.k": 3}'
+
+    def row(folder: str, metrics: dict, error: Exception | None = None):
+        return SimpleNamespace(path=str(tmp_path / "tiny" / folder), metrics=metrics, error=error)
+
+    outcomes = {"k=2,seed=0": {"test_ami": 0.5, "cell": k2},
+                "k=2,seed=1": {"failed": "NonFiniteLoss: non-finite loss (nan) at epoch 3"}}
+    result = StudyResult("parent")
+    stopped = tally(result, [row("000_k=2,seeds=0-1", {"done": True, OUTCOMES: outcomes}),
+                             row("002_k=3,seeds=0-1", {"done": True, RUN_IDS: ["r3a", "r3b"]})], trials, study)
+    assert result.finished == ["k=2,seed=0"] and result.best_test_ami == {k2: 0.5}
+    assert result.failed == {"k=2,seed=1": "NonFiniteLoss: non-finite loss (nan) at epoch 3"}
+    assert result.stopped == ["k=3,seed=0", "k=3,seed=1"] and stopped == ["r3a", "r3b"]
+
+    result = StudyResult("parent", interrupted=True)
+    stopped = tally(result, [row("000_k=2,seeds=0-1", {"iteration": 1, RUN_IDS: ["r2a", "r2b"]}),
+                             row("002_k=3,seeds=0-1", {}, error=RuntimeError("worker died\nOOM"))], trials, study)
+    assert not result.finished and not result.stopped and stopped == []  # k=2 continues on resume
+    assert result.failed == {"k=3,seed=0": "OOM", "k=3,seed=1": "OOM"} and k3 not in result.best_test_ami
