@@ -214,7 +214,8 @@ def cmd_data(args: argparse.Namespace) -> int:
     split = data.load(spec, args.split, mnist_path=args.mnist)
     n = min(args.n, len(split))
     out = args.out or f"{spec.name}-strip.png"
-    data_strip(split.images[:n], split.labels[:n], out, n_seq=n,
+    images, labels = split.batch(range(n))  # float in [0, 1], which data_strip takes
+    data_strip(images, labels, out, n_seq=n,
                title=f"{spec.name}, {spec.objects} objects, {args.split} split")
     print(out)
     return 0

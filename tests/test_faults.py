@@ -115,7 +115,8 @@ def test_data_cache_survives_kill_mid_generation(tmp_path, monkeypatch):
     for s in data.SPLITS:
         assert manifest["splits"][s]["sha256"] == fresh["splits"][s]["sha256"]
         again = store.load(spec, s, progress=False)
-        assert np.array_equal(splits[s].images, again.images) and np.array_equal(splits[s].labels, again.labels)
+        for a, b in zip(splits[s].images + splits[s].labels, again.images + again.labels):
+            assert np.array_equal(a, b)
 
 
 # ----------------------------------------------------------------------------------------
@@ -174,7 +175,7 @@ def test_data_disk_full(small_disk, monkeypatch):
     filler.unlink()
     split = store.load(SMALL, "train", progress=False)
     images, labels = data.generate(SMALL, "train")
-    assert np.array_equal(split.images, images) and np.array_equal(split.labels, labels)
+    assert np.array_equal(np.concatenate(split.images), images) and np.array_equal(np.concatenate(split.labels), labels)
 
 
 def test_cli_data_disk_full(small_disk, tmp_path):

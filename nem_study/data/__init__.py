@@ -5,7 +5,7 @@ flying MNIST, of the MNIST digits). Public API:
 
 * :func:`generate` -- images and labels of a split as in-memory uint8 arrays (N, T, H, W);
 * :func:`ensure` -- generate all three splits into the Arrow cache unless there; its directory;
-* :func:`load` -- ensure, then a memory-mapped :class:`Split` (``.images``, ``.labels``, ``.batch``).
+* :func:`load` -- ensure, then a memory-mapped :class:`Split` (``.batch``; ``.images``, ``.labels`` in chunks).
 
 Label maps: :data:`BACKGROUND` (0), 1..K for the object covering a pixel, :data:`OVERLAP` (255)
 where two or more objects cover it. Files: ``shapes.py`` (sprites, static shapes),
