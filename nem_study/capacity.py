@@ -1,7 +1,7 @@
 """Does the work fit? Disk and memory sizes checked before anything is generated or allocated.
 
 One job: from a data spec or a run config, compute what a step would need (the cache's files,
-a split in memory, the mapping the cache writer lays out, a training batch) and refuse with one
+a split in memory, a training batch) and refuse with one
 :class:`~nem_study.inputs.InputError` naming the config field, what it would need and what there
 is, e.g. ``data.train = 1000000000000: the cache would need 32.9 PB on /root/.cache/..., 53.2 GB
 free``. The callers: :func:`nem_study.data.store.ensure` (the cache), :func:`nem_study.data.synth.
@@ -18,7 +18,7 @@ import os
 
 from nem_study.config import SPLITS
 from nem_study.inputs import InputError, human
-from nem_study.machine import available_memory, free_disk, mapping_limit
+from nem_study.machine import available_memory, free_disk
 
 
 class DiskFull(InputError):
@@ -52,10 +52,7 @@ def cache_bytes(spec) -> int:
 
 def check_data_set(spec, folder: str | os.PathLike) -> None:
     """Before the cache writes the data set of ``spec`` into ``folder``: its three files (images
-    and labels, uint8) must fit the free disk, and the largest split's zero-filled layout (an
-    anonymous mapping of images of one split, :func:`nem_study.data.store._write_split`) what the
-    kernel maps."""
-    row = _row(spec)
+    and labels, uint8) must fit the free disk (the writer holds one block of sequences in memory)."""
     total = sum(getattr(spec, s) for s in SPLITS)
     need = cache_bytes(spec)
     free, _ = free_disk(folder)
@@ -63,11 +60,6 @@ def check_data_set(spec, folder: str | os.PathLike) -> None:
         raise InputError(f"{_field(spec)}: the cache would need {human(need)} ({total:,} sequences of "
                          f"{spec.frames} x {spec.image_size} x {spec.image_size} px, images and labels) on "
                          f"{folder}, {human(free)} free")
-    largest = getattr(spec, _largest(spec)) * row
-    limit = mapping_limit()
-    if limit is not None and largest > limit:
-        raise InputError(f"{_field(spec)}: writing the {_largest(spec)} split lays out {human(largest)} in "
-                         f"memory, more than this machine can map ({human(limit)})")
 
 
 def check_data_sets(specs, folder: str | os.PathLike) -> None:

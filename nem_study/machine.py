@@ -1,4 +1,4 @@
-"""What this machine has free: memory, the largest mapping the kernel grants, disk space.
+"""What this machine has free: memory and disk space.
 
 Read from ``/proc`` (Linux) and ``shutil.disk_usage``; ``None`` where it cannot be known. The
 checks that use them are in ``nem_study.capacity`` (and the archive check of ``nem_study.inputs``).
@@ -33,23 +33,6 @@ def available_memory() -> int | None:
         return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (ValueError, OSError, AttributeError):
         return None
-
-
-def mapping_limit() -> int | None:
-    """The largest anonymous mapping the kernel grants (virtual memory, not used memory): with
-    Linux's default heuristic overcommit, RAM + swap; with strict overcommit, CommitLimit -
-    Committed_AS; None when unlimited or unknown."""
-    try:
-        mode = Path("/proc/sys/vm/overcommit_memory").read_text().strip()
-    except OSError:
-        return None
-    if not (info := _meminfo()):
-        return None
-    if mode == "1":
-        return None
-    if mode == "2":
-        return info.get("CommitLimit", 0) - info.get("Committed_AS", 0)
-    return info.get("MemTotal", 0) + info.get("SwapTotal", 0) or None
 
 
 def free_disk(path: str | os.PathLike) -> tuple[int, Path]:

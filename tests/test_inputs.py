@@ -285,14 +285,11 @@ def test_a_batch_that_cannot_fit_memory(tmp_path):
     assert "of memory free" in r.stderr
 
 
-def test_sizes_are_checked_against_memory_and_the_mapping_limit(monkeypatch, tmp_path):
+def test_sizes_are_checked_against_memory_and_the_disk(monkeypatch, tmp_path):
     spec = load_data_config("static_shapes", ["train=1000", "valid=10", "test=10"])
     monkeypatch.setattr(capacity, "available_memory", lambda: 1000)
     with pytest.raises(InputError, match="data.train = 1000: generating it in memory needs 1.6 MB, 1.0 kB"):
         data.generate(spec, "train")
-    monkeypatch.setattr(capacity, "mapping_limit", lambda: 1000)
-    with pytest.raises(InputError, match="writing the train split lays out 784 kB in memory"):
-        data.ensure(spec, progress=False)
     monkeypatch.setattr(capacity, "free_disk", lambda p: (1000, Path(p)))
     with pytest.raises(InputError, match="the cache would need 1.6 MB"):
         data.ensure(spec, progress=False)
