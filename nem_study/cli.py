@@ -150,7 +150,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from nem_study.config import load_run_config, replace
+    from nem_study.config import replace
+    from nem_study.config_files import load_run_config
 
     cfg = load_run_config(args.config, args.overrides)  # before torch is imported: a bad file answers at once
 
@@ -202,7 +203,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 def cmd_data(args: argparse.Namespace) -> int:
     from nem_study import data
-    from nem_study.config import load_data_config
+    from nem_study.config_files import load_data_config
 
     spec = load_data_config(args.spec, args.overrides)
     if args.data_command == "generate":
@@ -253,7 +254,8 @@ def cmd_config(args: argparse.Namespace) -> int:
     """``config show``: a run config resolved, or a study's base and each trial's differences."""
     import yaml
 
-    from nem_study.config import flat, load_run_config, read_yaml
+    from nem_study.config import flat
+    from nem_study.config_files import load_run_config, read_yaml
     from nem_study.study_config import load_study_config
     from nem_study.trials import expand_trials
 

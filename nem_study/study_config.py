@@ -16,7 +16,8 @@ from typing import Any, Literal
 from pydantic import Field, PrivateAttr, ValidationError, model_validator
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
-from nem_study.config import InputError, RunConfig, Strict, apply_overrides, format_validation_error, read_yaml
+from nem_study.config import InputError, RunConfig, Strict
+from nem_study.config_files import apply_overrides, format_validation_error, read_yaml
 from nem_study.contract import DEFAULT_URI
 
 # Keys a study sets itself, so a grid must not: seeds come from ``seeds``, checkpoints go

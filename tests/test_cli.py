@@ -36,7 +36,7 @@ def test_every_command_has_help(args):
 def test_config_show_prints_the_resolved_run_and_each_trials_differences(tmp_path):
     import yaml
 
-    from nem_study.config import load_run_config
+    from nem_study.config_files import load_run_config
     from nem_study.study_config import load_study_config
 
     r = cli("config", "show", "studies/runs/flying_shapes.yaml", "--set", "model.k=5")

@@ -23,7 +23,8 @@ import torch
 
 from nem_study import capacity, cli, data, inputs
 from nem_study.checkpoints import load_checkpoint, save_checkpoint
-from nem_study.config import InputError, RunConfig, apply_overrides, load_data_config
+from nem_study.config import InputError, RunConfig
+from nem_study.config_files import apply_overrides, load_data_config
 from nem_study.data import mnist as mnist_mod
 
 # An answer "within seconds" on a loaded 2-core machine: a bad YAML file (read before torch is
