@@ -321,6 +321,8 @@ def test_a_trial_whose_node_died_resumed_on_the_head_from_its_checkpoint(cluster
     # none or not all of them may be (seen: none; epoch 1 only, with the restart at epoch 3).
     trial_dir = cluster["experiment"] / killed["trial_dir"]
     rows = [json.loads(line) for line in (trial_dir / "result.json").read_text().splitlines() if line.strip()]
+    assert "outcomes" in rows[-1], rows[-1]  # the trial's last result is its outcome, after the epochs
+    rows = rows[:-1]
     runs: list[tuple[int, list[int]]] = []  # (pid, its epochs), in order
     for row in rows:
         if not runs or runs[-1][0] != row["pid"]:
