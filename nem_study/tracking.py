@@ -242,11 +242,14 @@ def mark_stopped(uri: str, run_id: str, reason: str) -> None:
     client.set_terminated(run_id, "KILLED")
 
 
+def failure_reason(error: BaseException) -> str:
+    return f"{type(error).__name__}: {error}"[:5000]
+
+
 def mark_failed(uri: str, run_id: str, error: BaseException) -> None:
     """FAILED, with the reason as a tag (the exception still propagates to Ray)."""
     client = contract.client(uri)
-    reason = f"{type(error).__name__}: {error}"[:5000]
-    client.set_tag(run_id, "failure_reason", reason)
+    client.set_tag(run_id, "failure_reason", failure_reason(error))
     client.set_terminated(run_id, "FAILED")
 
 

@@ -120,8 +120,10 @@ def fit(cfg: RunConfig | Sequence[RunConfig], splits: Mapping[str, Split], repor
     steps, static = cfgs[0].steps, cfgs[0].data.is_static
     n_batches = len(train) // tc.batch_size or 1
     start_epoch = epochs[active[0]] + 1 if active else tc.max_epochs + 1
-    # A resumed run's time budget and train_seconds go on from the epochs it already trained.
-    t_start = time.monotonic() - max((sum(m["epoch_seconds"] for m in history[e]) for e in active), default=0.0)
+    # A resumed run's time budget and train_seconds go on from the epochs it already trained
+    # (a member that had stopped before the restart counts too: its summary keeps its seconds).
+    t_start = time.monotonic() - max((sum(m["epoch_seconds"] for m in history[e]) for e in range(E) if e not in failed),
+                                     default=0.0)
     for epoch in range(start_epoch, tc.max_epochs + 1):
         t0 = time.monotonic()
         # Shuffling and noise depend only on (seed, epoch): a resumed run repeats them exactly.

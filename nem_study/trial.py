@@ -19,7 +19,7 @@ from nem_study import tracking
 from nem_study.config import RunConfig, replace
 from nem_study.study_config import StudyConfig, grid_cells
 
-# Keys of a trial's Tune results that the driver reads (``study._drive``): the MLflow child runs
+# Keys of a trial's Tune results that the driver reads (``study.tally``): the MLflow child runs
 # of the trial (every result), and, as its last result, each member's outcome.
 RUN_IDS = "mlflow_run_ids"
 OUTCOMES = "outcomes"  # {trial name: {"test_ami": x, "cell": cell JSON} or {"failed": reason}}
@@ -120,7 +120,7 @@ def run_trial(config: dict[str, Any], *, trials: list[dict[str, Any]], study: St
             if "failed" in result:  # an ensemble member whose loss became non-finite
                 error = NonFiniteLoss(result["failed"])
                 tracking.mark_failed(tracking_uri, run_ids[e], error)
-                outcomes[members[e]["name"]] = {"failed": f"{type(error).__name__}: {error}"}
+                outcomes[members[e]["name"]] = {"failed": tracking.failure_reason(error)}
                 continue
             t_evaluations = time.monotonic()
             evaluations = run_evaluations(study, cfgs[e], result.get("checkpoint"), panels[e].parent)
