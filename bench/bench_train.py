@@ -54,7 +54,7 @@ class Step:
         self.cfg, self.device, self.precision = cfg, torch.device(device), precision
         self.model = NEM(cfg.model, cfg.data.image_size).to(device)
         if compile:  # "default", or "reduce-overhead" (CUDA graphs of the cell on a GPU)
-            self.model.cell.compile(mode=compile, dynamic=False)  # as train.compile does
+            self.model.compile_iteration(compile)  # as train.compile does
         self.opt = torch.optim.Adam(self.model.parameters(), lr=cfg.train.lr, capturable=graph)
         def step(x_tilde, targets, noise, cache=True):
             return train_step(self.model, self.opt, x_tilde, targets, noise, precision, cache)

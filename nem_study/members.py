@@ -49,9 +49,7 @@ class Single:
     def __init__(self, model: NEM, optim_state: dict | None, cfg: RunConfig, device: torch.device):
         tc = cfg.train
         if tc.compile:
-            # In place, so checkpoint keys stay eager's; static shapes, because a dynamic-shape
-            # recompile of the flying-MNIST cell fails in torch 2.13's inductor.
-            model.cell.compile(dynamic=False)
+            model.compile_iteration()
         graphed = tc.cuda_graph and device.type == "cuda"
         self.model = model
         self.optimizer = torch.optim.Adam(model.parameters(), lr=tc.lr, capturable=graphed)

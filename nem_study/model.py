@@ -30,6 +30,7 @@ from nem_study.config import ModelConfig
 from nem_study.networks import layer_norm, make_networks, tf_init_
 
 EPS = 1e-6  # clip for Bernoulli means (NEM_SPEC.md §2)
+LOGIT_CLIP = math.log((1 - EPS) / EPS)  # the same clip on the logits: sigmoid(+-13.8) = 1 - EPS, EPS
 
 
 # ----------------------------------------------------------------------------------------
@@ -91,36 +92,46 @@ class NEMCell(nn.Module):
 # Pixel likelihoods, E-step and loss (§1.3, §2)
 
 
-def log_likelihood(x: Tensor, psi: Tensor, pixel: str, sigma: float) -> Tensor:
-    """log P(x_i | psi_i,k) per pixel, up to terms constant in psi."""
-    if pixel == "bernoulli":
-        p = psi.clamp(EPS, 1 - EPS)
-        return x * torch.log(p) + (1 - x) * torch.log1p(-p)
-    return -0.5 * ((x - psi) / sigma) ** 2
+def pixel_terms(target: Tensor, out: Tensor, cfg: ModelConfig) -> tuple[Tensor, Tensor, Tensor]:
+    """Per pixel, from the decoder output ``out``: log P(x | psi_k) for the E-step, log P(x | psi_k)
+    for the intra-cluster loss, and KL(P(x) || P(x | psi_k)) for the inter-cluster loss (§1.3, §2).
 
-
-def e_step(target: Tensor, psi: Tensor, pixel: str, sigma: float) -> Tensor:
-    """gamma_k = P(x|psi_k) / sum_j P(x|psi_j), in log space (§1.3, uniform prior)."""
-    return torch.softmax(log_likelihood(target.unsqueeze(1), psi, pixel, sigma), dim=1)
-
-
-def em_loss(target: Tensor, psi: Tensor, gamma: Tensor, cfg: ModelConfig) -> tuple[Tensor, Tensor]:
-    """(intra, inter) of §2: sums over pixels and K, means over the batch.
-
-    intra = sum gamma * -log P(x | psi),  inter = sum (1 - gamma) * KL(P(x) || P(x | psi)),
-    with the pixel prior P(x) a Bernoulli(0) (KL = -log(1 - psi)) or N(0, 1) (KL = psi^2 / 2).
+    Bernoulli: psi = sigmoid(o) clipped to [EPS, 1 - EPS] is o clipped to +-logit(1 - EPS), and
+    with log psi = log sigmoid(o) and log(1 - psi) = log psi - o every term is a pass or two over
+    (B, K, C, H, W), where written in psi they took ten (BENCHMARKS.md). The pixel prior P(x) is a
+    Bernoulli(0), KL = -log(1 - psi), or N(0, 1), KL = psi^2 / 2. Gaussian: ``e_sigma`` for the
+    E-step, ``loss_sigma`` for the loss (§2).
     """
     x = target.unsqueeze(1)                                        # (B, 1, C, H, W)
     if cfg.pixel == "bernoulli":
-        p = psi.clamp(EPS, 1 - EPS)
-        nll = -(x * torch.log(p) + (1 - x) * torch.log1p(-p))     # (B, K, C, H, W)
-        kl = -torch.log1p(-p)                                      # (B, K, C, H, W)
-    else:
-        s = cfg.loss_sigma
-        nll = 0.5 * ((x - psi) / s) ** 2 + math.log(s) + 0.5 * math.log(2 * math.pi)
-        kl = 0.5 * psi**2
-    B = target.shape[0]
-    intra = (gamma * nll).sum() / B
+        o = out.clamp(-LOGIT_CLIP, LOGIT_CLIP)                     # (B, K, C, H, W)
+        log_psi = torch.log(torch.sigmoid(o))                      # (B, K, C, H, W)
+        ll = log_psi - (1 - x) * o                                 # x log psi + (1 - x) log(1 - psi)
+        return ll, ll, o - log_psi                                 # KL = -log(1 - psi)
+
+    def gauss(s: float) -> Tensor:                                 # (B, K, C, H, W)
+        return -0.5 * ((x - out) / s) ** 2 - math.log(s) - 0.5 * math.log(2 * math.pi)
+
+    ll = gauss(cfg.loss_sigma)
+    return ll if cfg.e_sigma == cfg.loss_sigma else gauss(cfg.e_sigma), ll, 0.5 * out**2
+
+
+def e_step(log_lik: Tensor) -> Tensor:
+    """gamma_k = P(x|psi_k) / sum_j P(x|psi_j), in log space (§1.3, uniform prior).
+
+    log_lik: (B, K, C, H, W) log P(x | psi_k) per pixel -> gamma (B, K, C, H, W)
+    """
+    return torch.softmax(log_lik, dim=1)
+
+
+def em_loss(log_lik: Tensor, kl: Tensor, gamma: Tensor) -> tuple[Tensor, Tensor]:
+    """(intra, inter) of §2: sums over pixels and K, means over the batch.
+
+    intra = sum gamma * -log P(x | psi),  inter = sum (1 - gamma) * KL(P(x) || P(x | psi));
+    all three (B, K, C, H, W), from ``pixel_terms``.
+    """
+    B = log_lik.shape[0]
+    intra = -(gamma * log_lik).sum() / B
     inter = ((1 - gamma) * kl).sum() / B
     return intra, inter
 
@@ -148,18 +159,18 @@ class NEM(nn.Module):
 
     def pixel_params(self, out: Tensor) -> Tensor:
         """psi from the decoder output: Bernoulli means (sigmoid) or Gaussian means (linear)."""
-        out = out.float()  # keep the likelihoods in fp32 under autocast
         return torch.sigmoid(out) if self.cfg.pixel == "bernoulli" else out
 
     def m_step(self, delta: Tensor, h: Tensor) -> tuple[Tensor, Tensor]:
         """theta_k, psi_k <- cell(input_k, theta_k) (§1.2): N-EM's gradient step or RNN-EM's cell,
-        all K components at once (folded into the batch).
+        all K components at once (folded into the batch). Returns the states and the decoder
+        output (Bernoulli logits or Gaussian means), from which ``pixel_params`` gives psi.
 
         delta: (B, K, C, H, W) the inputs gamma_k (x_tilde - psi_k);  h: (B*K, Z) the states
         """
         B, k = delta.shape[:2]
         h, out = self.cell(delta.flatten(0, 1), h)                # (B*K, Z), (B*K, C, H, W)
-        return h, self.pixel_params(out).view(B, k, *out.shape[1:])  # (B*K, Z), (B, K, C, H, W)
+        return h, out.float().view(B, k, *out.shape[1:])          # fp32 likelihoods under autocast
 
     def init_state(self, x: Tensor, k: int, generator: torch.Generator | None = None, noise: Tensor | None = None):
         """h = 0, psi_0 = 0 or the per-image median, gamma_0 = |N(0, 1)| normalised over K (§1).
@@ -180,6 +191,34 @@ class NEM(nn.Module):
         gamma = noise / noise.sum(1, keepdim=True).clamp_min(1e-12)  # (B, K, C, H, W)
         return h, psi, gamma
 
+    def em_iteration(self, x_tilde: Tensor, target: Tensor, h: Tensor, psi: Tensor,
+                     gamma: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+        """One EM iteration (§1): the inputs, the M-step, the E-step and this step's loss.
+
+        x_tilde, target: (B, C, H, W);  h: (B*K, Z);  psi, gamma: (B, K, C, H, W)
+        -> h, psi, gamma and the scalars intra, inter. ``train.compile`` compiles this function:
+        its pixel-wise passes then run fused (BENCHMARKS.md).
+        """
+        cfg = self.cfg
+        g = gamma.detach() if cfg.gamma_gradient == "stop" else gamma
+        x_tilde = x_tilde.unsqueeze(1)                                # (B, 1, C, H, W)
+        error = x_tilde - psi if cfg.input_sign == "x_minus_psi" else psi - x_tilde
+        h, out = self.m_step(g * error, h)                            # (B*K, Z), (B, K, C, H, W)
+        psi = self.pixel_params(out)                                  # (B, K, C, H, W)
+        ll_e, ll, kl = pixel_terms(target, out, cfg)                  # (B, K, C, H, W) each
+        gamma = e_step(ll_e)                                          # (B, K, C, H, W)
+        g = gamma.detach() if cfg.gamma_gradient == "stop" else gamma
+        intra, inter = em_loss(ll, kl, g)                             # (), ()
+        return h, psi, gamma, intra, inter
+
+    def compile_iteration(self, mode: str = "default") -> None:
+        """``train.compile``: torch.compile ``em_iteration`` in place (the weights and checkpoint
+        keys stay eager's); static shapes, because a dynamic-shape recompile of the flying-MNIST
+        cell fails in torch 2.13's inductor. Dynamo's caches are reset first: a Ray worker reused
+        for the next trial would otherwise count its new network against the recompile limit."""
+        torch._dynamo.reset()
+        self.em_iteration = torch.compile(self.em_iteration, mode=mode, dynamic=False)
+
     def forward(self, inputs: Tensor, targets: Tensor, k: int | None = None,
                 generator: torch.Generator | None = None, collect: bool = False,
                 noise: Tensor | None = None) -> EMOutput:
@@ -192,17 +231,10 @@ class NEM(nn.Module):
         cfg = self.cfg
         k = k or cfg.k
         T = inputs.shape[0]
-        sign = 1.0 if cfg.input_sign == "x_minus_psi" else -1.0
         h, psi, gamma = self.init_state(inputs[0], k, generator, noise)
         intra, inter, gammas, psis = [], [], [], []
         for t in range(T):
-            g = gamma.detach() if cfg.gamma_gradient == "stop" else gamma
-            x_tilde = inputs[t].unsqueeze(1)                          # (B, 1, C, H, W)
-            delta = g * sign * (x_tilde - psi)                        # (B, K, C, H, W)
-            h, psi = self.m_step(delta, h)                            # (B*K, Z), (B, K, C, H, W)
-            gamma = e_step(targets[t], psi, cfg.pixel, cfg.e_sigma)   # (B, K, C, H, W)
-            g = gamma.detach() if cfg.gamma_gradient == "stop" else gamma
-            l_intra, l_inter = em_loss(targets[t], psi, g, cfg)
+            h, psi, gamma, l_intra, l_inter = self.em_iteration(inputs[t], targets[t], h, psi, gamma)
             intra.append(l_intra)
             inter.append(l_inter)
             if collect:

@@ -6,11 +6,22 @@ import pytest
 import torch
 
 from nem_study.config import RunConfig
-from nem_study.model import NEM, NEMCell, e_step, em_loss
+from nem_study.model import NEM, NEMCell, e_step, em_loss, pixel_terms
 
 
 def cfg_for(name="flying_shapes", **model):
     return RunConfig(data={"name": name}, model=model)
+
+
+def logit(p):
+    return torch.log(p) - torch.log1p(-p)
+
+
+def gamma_and_loss(target, psi, gamma, cfg):
+    """The E-step and the loss from psi, through the decoder output as the model computes them."""
+    out = logit(psi) if cfg.pixel == "bernoulli" else psi
+    ll_e, ll, kl = pixel_terms(target, out, cfg)
+    return e_step(ll_e), *em_loss(ll, kl, gamma)
 
 
 @pytest.mark.parametrize("pixel", ["bernoulli", "gaussian"])
@@ -18,7 +29,8 @@ def test_e_step_sums_to_one_and_matches_the_ratio(pixel):
     torch.manual_seed(0)
     x = (torch.rand(2, 1, 5, 5) > 0.5).float() if pixel == "bernoulli" else torch.rand(2, 1, 5, 5)
     psi = torch.rand(2, 3, 1, 5, 5)
-    gamma = e_step(x, psi, pixel, 0.25)
+    cfg = cfg_for("flying_mnist" if pixel == "gaussian" else "flying_shapes", e_sigma=0.25).model
+    gamma = gamma_and_loss(x, psi, psi, cfg)[0]
     assert torch.allclose(gamma.sum(1), torch.ones(2, 1, 5, 5), atol=1e-6)
     # the plain ratio P(x|psi_k) / sum_j P(x|psi_j) of §1.3
     xk = x.unsqueeze(1)
@@ -31,8 +43,8 @@ def test_e_step_sums_to_one_and_matches_the_ratio(pixel):
 
 def test_e_step_is_stable_for_extreme_predictions():
     x = torch.ones(1, 1, 1, 2)
-    psi = torch.tensor([0.0, 1.0]).view(1, 2, 1, 1, 1).expand(1, 2, 1, 1, 2)
-    gamma = e_step(x, psi, "bernoulli", 0.25)
+    out = torch.tensor([-50.0, 50.0]).view(1, 2, 1, 1, 1).expand(1, 2, 1, 1, 2)  # psi 0 and 1
+    gamma = e_step(pixel_terms(x, out, cfg_for().model)[0])
     assert torch.isfinite(gamma).all()
     assert gamma[0, 1].min() > 0.999
 
@@ -42,7 +54,7 @@ def test_bernoulli_loss_terms_equal_hand_computed_values():
     target = torch.tensor([[[[1.0, 0.0]]]])                      # (B=1, C=1, H=1, W=2)
     psi = torch.tensor([0.8, 0.3, 0.6, 0.1]).view(1, 2, 1, 1, 2)  # (B, K=2, C, H, W)
     gamma = torch.tensor([0.7, 0.4, 0.3, 0.6]).view(1, 2, 1, 1, 2)
-    intra, inter = em_loss(target, psi, gamma, cfg)
+    _, intra, inter = gamma_and_loss(target, psi, gamma, cfg)
     want_intra = 0.7 * -math.log(0.8) + 0.4 * -math.log(1 - 0.3) + 0.3 * -math.log(0.6) + 0.6 * -math.log(0.9)
     want_inter = 0.3 * -math.log(0.2) + 0.6 * -math.log(0.7) + 0.7 * -math.log(0.4) + 0.4 * -math.log(0.9)
     assert intra.item() == pytest.approx(want_intra, rel=1e-6)
@@ -54,7 +66,7 @@ def test_gaussian_loss_terms_equal_hand_computed_values_and_mean_over_batch():
     target = torch.tensor([0.2, 0.9]).view(2, 1, 1, 1)           # (B=2, C, H, W=1)
     psi = torch.tensor([0.1, 0.4, 0.8, -0.2]).view(2, 2, 1, 1, 1)
     gamma = torch.tensor([0.25, 0.75, 0.5, 0.5]).view(2, 2, 1, 1, 1)
-    intra, inter = em_loss(target, psi, gamma, cfg)
+    _, intra, inter = gamma_and_loss(target, psi, gamma, cfg)
     const = math.log(0.5) + 0.5 * math.log(2 * math.pi)
     nll = lambda x, m: 0.5 * ((x - m) / 0.5) ** 2 + const  # noqa: E731
     want_intra = (0.25 * nll(0.2, 0.1) + 0.75 * nll(0.2, 0.4) + 0.5 * nll(0.9, 0.8) + 0.5 * nll(0.9, -0.2)) / 2
@@ -69,12 +81,12 @@ def test_gamma_gradient_stop_blocks_the_gradient_through_gamma():
     psi = torch.rand(1, 3, 1, 4, 4, requires_grad=True)
     for mode, blocked in [("stop", True), ("flow", False)]:
         cfg = cfg_for(gamma_gradient=mode).model
-        gamma = e_step(x, psi, "bernoulli", 0.25)
+        gamma = gamma_and_loss(x, psi, psi, cfg)[0]
         g = gamma.detach() if cfg.gamma_gradient == "stop" else gamma
-        intra, inter = em_loss(x, psi, g, cfg)
+        _, intra, inter = gamma_and_loss(x, psi, g, cfg)
         # the part of d loss / d psi that goes through gamma: total minus the direct part
         total = torch.autograd.grad(intra + inter, psi, retain_graph=True)[0]
-        direct = torch.autograd.grad(sum(em_loss(x, psi, gamma.detach(), cfg)), psi)[0]
+        direct = torch.autograd.grad(sum(gamma_and_loss(x, psi, gamma.detach(), cfg)[1:]), psi)[0]
         through_gamma = (total - direct).abs().max().item()
         assert (through_gamma < 1e-7) == blocked, (mode, through_gamma)
 
@@ -216,8 +228,70 @@ def test_precision_auto_is_bf16_only_on_a_cpu_with_native_bf16():
     assert resolve_precision("auto", torch.device("cuda")) == "fp32"   # GPU: bf16 measured no faster
 
 
-def test_compiled_cell_gives_the_eager_loss_and_gradients():
-    """train.compile: torch.compile of the M-step cell changes the speed, not the numbers
+def reference_loss(model, inputs, targets, noise):
+    """The EM loop written plainly in psi (§1-2), as the model computed it before its pixel terms
+    moved to the logits: the reference the faster form must match."""
+    cfg, eps = model.cfg, 1e-6
+    h, psi, gamma = model.init_state(inputs[0], cfg.k, noise=noise)
+    x_sign = 1.0 if cfg.input_sign == "x_minus_psi" else -1.0
+    per_step = []
+    for t in range(inputs.shape[0]):
+        g = gamma.detach() if cfg.gamma_gradient == "stop" else gamma
+        h, out = model.m_step(g * x_sign * (inputs[t].unsqueeze(1) - psi), h)
+        x = targets[t].unsqueeze(1)
+        if cfg.pixel == "bernoulli":
+            psi = torch.sigmoid(out)
+            p = psi.clamp(eps, 1 - eps)
+            ll = x * torch.log(p) + (1 - x) * torch.log1p(-p)
+            ll_e, nll, kl = ll, -ll, -torch.log1p(-p)
+        else:
+            psi = out
+            ll_e = -0.5 * ((x - psi) / cfg.e_sigma) ** 2
+            s = cfg.loss_sigma
+            nll = 0.5 * ((x - psi) / s) ** 2 + math.log(s) + 0.5 * math.log(2 * math.pi)
+            kl = 0.5 * psi**2
+        gamma = torch.softmax(ll_e, dim=1)
+        g = gamma.detach() if cfg.gamma_gradient == "stop" else gamma
+        B = x.shape[0]
+        per_step.append((g * nll).sum() / B + cfg.w_inter * ((1 - g) * kl).sum() / B)
+    per_step = torch.stack(per_step)
+    return per_step.sum() if cfg.loss_step_weights == "all" else per_step[-1]
+
+
+@pytest.mark.parametrize("name,model", [
+    ("static_shapes", {"kind": "nem"}), ("static_shapes", {"kind": "rnn_em"}),
+    ("static_shapes", {"kind": "rnn_em", "gamma_gradient": "stop", "input_sign": "psi_minus_x"}),
+    ("flying_shapes", {}), ("flying_mnist", {}), ("flying_mnist", {"e_sigma": 1.0})])
+def test_pixel_terms_in_logits_give_the_plain_losses_and_gradients(name, model):
+    """The E-step and loss computed from the decoder's logits (fewer passes: BENCHMARKS.md) give
+    the loss of the loop written in psi within 1e-5 relative and its gradients within 1e-4 of
+    their norm, in fp64 so that the two differ by their rounding only."""
+    from nem_study.batches import corrupt, to_steps
+
+    cfg = RunConfig(data={"name": name, "frames": 1 if name == "static_shapes" else 5},
+                    model={"em_steps": 4, "k": 3} | model)
+    S = cfg.data.image_size
+    torch.manual_seed(0)
+    net = NEM(cfg.model, S).double()
+    frames = torch.rand(4, cfg.data.frames, S, S, dtype=torch.float64)
+    frames = frames if cfg.data.grey else (frames > 0.85).double()
+    inputs, targets = to_steps(frames, 4, cfg.data.is_static)
+    x = corrupt(inputs, cfg.noise, torch.Generator().manual_seed(1))
+    noise = torch.randn(4, 3, 1, S, S, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    out = {}
+    for way, loss_of in (("logits", lambda: net(x, targets, noise=noise).loss),
+                         ("psi", lambda: reference_loss(net, x, targets, noise))):
+        net.zero_grad()
+        loss = loss_of()
+        loss.backward()
+        out[way] = loss.item(), torch.cat([p.grad.flatten() for p in net.parameters()])
+    assert out["logits"][0] == pytest.approx(out["psi"][0], rel=1e-5)
+    diff = (out["logits"][1] - out["psi"][1]).norm() / out["psi"][1].norm()
+    assert diff < 1e-4, diff
+
+
+def test_compiled_iteration_gives_the_eager_loss_and_gradients():
+    """train.compile: torch.compile of each EM iteration changes the speed, not the numbers
     (loss within 1e-5 relative, gradients within 1e-4 of their norm); checkpoint keys unchanged."""
     from nem_study.batches import corrupt, to_steps
 
@@ -225,7 +299,7 @@ def test_compiled_cell_gives_the_eager_loss_and_gradients():
     torch.manual_seed(0)
     eager, compiled = NEM(cfg.model, 28), NEM(cfg.model, 28)
     compiled.load_state_dict(eager.state_dict())
-    compiled.cell.compile(dynamic=False)  # as train.compile does
+    compiled.compile_iteration()  # as train.compile does
     assert compiled.state_dict().keys() == eager.state_dict().keys()
     frames = (torch.rand(4, 2, 28, 28) > 0.85).float()
     inputs, targets = to_steps(frames, 4, True)
