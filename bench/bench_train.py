@@ -8,10 +8,10 @@ batch 64, T = 20 (static data: 15 EM steps). Prints the median over repeats.
 
 Paths, alternating in one process so that the machine's drift hits all alike: eager fp32, eager
 bf16 autocast (``train.precision: bf16``; likelihoods, E-step and loss stay fp32) and, with
-``--compile``, ``torch.compile`` of the M-step cell in both precisions (compiling takes about a
+``--compile``, ``torch.compile`` of each EM iteration in both precisions (as ``train.compile``) (compiling takes about a
 minute per network and path on 2 cores; it is not timed). On a GPU also ``graph``: the whole
 step replayed as one CUDA graph (``train.cuda_graph``, the GPU default), and with ``--compile``
-``reduce-overhead`` (CUDA graphs of the compiled cell only). Ratios are against eager fp32.
+``reduce-overhead`` (CUDA graphs of the compiled iteration only). Ratios are against eager fp32.
 
 The FLOPs of one step (forward + backward, ``torch.utils.flop_counter``: matmuls and convs)
 over its time give the achieved FLOP/s, shown beside each rate as a fraction of this machine's
@@ -53,7 +53,7 @@ class Step:
         torch.manual_seed(0)
         self.cfg, self.device, self.precision = cfg, torch.device(device), precision
         self.model = NEM(cfg.model, cfg.data.image_size).to(device)
-        if compile:  # "default", or "reduce-overhead" (CUDA graphs of the cell on a GPU)
+        if compile:  # "default", or "reduce-overhead" (CUDA graphs of it on a GPU)
             self.model.compile_iteration(compile)  # as train.compile does
         self.opt = torch.optim.Adam(self.model.parameters(), lr=cfg.train.lr, capturable=graph)
         def step(x_tilde, targets, noise, cache=True):
@@ -133,8 +133,8 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
     p.add_argument("--batch", type=int, default=64)
-    p.add_argument("--compile", action="store_true", help="also time torch.compile of the cell "
-                   "(on a GPU also mode='reduce-overhead', i.e. CUDA graphs of the cell)")
+    p.add_argument("--compile", action="store_true", help="also time torch.compile of each EM "
+                   "iteration (on a GPU also mode='reduce-overhead', i.e. CUDA graphs of it)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--paths", nargs="+", metavar="MODE:PRECISION",
                    help="the paths to time, e.g. eager:fp32 graph:bf16 compile:fp32 reduce-overhead:fp32; "
@@ -143,7 +143,7 @@ def main() -> None:
     p.add_argument("--only", help="run only the networks whose name contains this text")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    torch._dynamo.config.recompile_limit = 64  # one compiled cell per path and network
+    torch._dynamo.config.recompile_limit = 64  # one compiled iteration per path and network
     gpu = f", GPU {torch.cuda.get_device_name()}" if args.device == "cuda" else ""
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
           f"torch threads {args.threads}{gpu}; torch {torch.__version__}, python {platform.python_version()}")
@@ -173,7 +173,7 @@ def main() -> None:
             kind = NetworkStep if mode == "network" else Step
             steps[mode, prec] = step = kind(cfg, args.batch, compile, args.device, mode == "graph", prec)
             for _ in range(5 if mode == "graph" else 1):
-                step.run()  # warm-up: compiles the cell; the graph's eager steps and capture
+                step.run()  # warm-up: compiles the iteration; the graph's eager steps and capture
         times = {path: [] for path in paths}
         for _ in range(args.repeats):
             for path in paths:

@@ -49,6 +49,9 @@ class Single:
     def __init__(self, model: NEM, optim_state: dict | None, cfg: RunConfig, device: torch.device):
         tc = cfg.train
         if tc.compile:
+            # A fresh cache: a Ray worker reused for the next trial would otherwise count this
+            # network's compiles against dynamo's recompile limit (and fall back to eager).
+            torch._dynamo.reset()
             model.compile_iteration()
         graphed = tc.cuda_graph and device.type == "cuda"
         self.model = model

@@ -214,9 +214,7 @@ class NEM(nn.Module):
     def compile_iteration(self, mode: str = "default") -> None:
         """``train.compile``: torch.compile ``em_iteration`` in place (the weights and checkpoint
         keys stay eager's); static shapes, because a dynamic-shape recompile of the flying-MNIST
-        cell fails in torch 2.13's inductor. Dynamo's caches are reset first: a Ray worker reused
-        for the next trial would otherwise count its new network against the recompile limit."""
-        torch._dynamo.reset()
+        cell fails in torch 2.13's inductor."""
         self.em_iteration = torch.compile(self.em_iteration, mode=mode, dynamic=False)
 
     def forward(self, inputs: Tensor, targets: Tensor, k: int | None = None,
