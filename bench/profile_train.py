@@ -72,6 +72,7 @@ def step_profile(cfg: RunConfig, steps: int, precision: str) -> None:
     cell.W_x, cell.W_h = Labelled(cell.W_x, "forward: RNN"), Labelled(cell.W_h, "forward: RNN")
     model.e_step = labelled(model.e_step, "forward: E-step")
     model.em_loss = labelled(model.em_loss, "forward: loss")
+    model.pixel_terms = labelled(model.pixel_terms, "forward: loss")
     step.run()
     plain = sorted(step.run() for _ in range(steps))[steps // 2]  # the same steps, unprofiled
     with profile(activities=[ProfilerActivity.CPU]) as prof:

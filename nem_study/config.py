@@ -199,8 +199,8 @@ class TrainConfig(Strict):
         "fp32", description="bf16: autocast the networks' convs and matmuls (likelihoods, E-step and loss "
         "stay fp32); auto: bf16 on a CPU with bf16 instructions (1.1-1.8x faster, BENCHMARKS.md), else fp32")
     compile: bool = Field(False, description="torch.compile each EM iteration (M-step cell, E-step and "
-                          "loss): faster for the static-shapes networks on a CPU, slower for the conv "
-                          "networks (BENCHMARKS.md)")
+                          "loss): 1.28-1.35x eager for the static-shapes step on a CPU; with only the "
+                          "cell compiled, the conv networks were slower (BENCHMARKS.md)")
     cuda_graph: bool = Field(True, description="on a GPU, capture the whole training step (forward, "
                              "backward, Adam) as one CUDA graph and replay it: 5.8-8.6x eager on an H100 "
                              "(BENCHMARKS.md); no effect on a CPU")
